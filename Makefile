@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (Python 3.11+ with venv): `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+## Run the service on the embedded defaults (SQLite, local backend, embedded worker) at 127.0.0.1:8000.
+run: $(VENV)/.installed-run
+	$(BIN)/centroid serve
+
+## Run the whole test suite.
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+## Run the engine benchmarks (numbers recorded in docs/benchmarks.md).
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) centroid-data .pytest_cache .hypothesis

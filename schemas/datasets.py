@@ -1,0 +1,208 @@
+"""Request and response models of the datasets API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+
+Dtype = Literal["int64", "float64", "string"]
+CellValue = StrictInt | StrictFloat | StrictStr | None
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=200, description="Human-readable name; need not be unique.", examples=["crimes"]),
+]
+ColumnName = Annotated[str, Field(min_length=1, max_length=256, examples=["Murder"])]
+
+
+def _no_control_chars(value: str) -> str:
+    if not value.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must be non-blank and contain no control characters")
+    return value
+
+
+class ColumnInfo(BaseModel):
+    name: str = Field(description="Column name.", examples=["Murder"])
+    dtype: Dtype = Field(
+        description="`int64` and `float64` are numeric; `string` holds text (key columns are always text).",
+        examples=["float64"],
+    )
+
+
+class DatasetCreate(BaseModel):
+    """A table sent as JSON. Cells may be numbers, strings (`"1,210.5"` parses as a number) or null."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "crimes-sample",
+                    "key_column": "State",
+                    "columns": ["State", "Murder", "Assault", "UrbanPop", "Rape"],
+                    "rows": [["Alabama", 13.2, 236, 58, 21.2], ["Alaska", "10", "263", 48, "44.5"]],
+                }
+            ]
+        }
+    )
+
+    name: Name
+    key_column: str | None = Field(
+        default=None, description="Column whose values label each row (unique, non-empty).", examples=["State"]
+    )
+    columns: list[ColumnName] = Field(min_length=1, description="Column names, in order.")
+    rows: list[list[CellValue]] = Field(min_length=1, description="Rows; each as long as `columns`.")
+
+    _check_name = field_validator("name")(_no_control_chars)
+
+
+class Dataset(BaseModel):
+    """A stored dataset's metadata."""
+
+    id: str = Field(description="Server-assigned id.", examples=["ds-6f1c0e9b2a4d4f3e8b1a"])
+    name: str = Field(description="Name given at creation.", examples=["crimes"])
+    key_column: str | None = Field(description="Column labelling each row, if any.", examples=["State"])
+    columns: list[ColumnInfo] = Field(description="Columns in order, with their types.")
+    row_count: int = Field(description="Number of rows.", examples=[50])
+    size_bytes: int = Field(description="Size of the stored Parquet file.", examples=[4096])
+    recipe: dict[str, Any] = Field(
+        description=(
+            "How the dataset came to be: `source` is `upload`, `json` or `derived`; a derived dataset "
+            "carries `parent_id`, the parent's recipe as `parent`, and the applied `steps` with their "
+            "fitted parameters (scaling min/max or mean/std, fill values), so the same transform can "
+            "be replayed on new raw rows."
+        ),
+        examples=[{"source": "upload", "filename": "crimes.csv"}],
+    )
+    created_at: datetime = Field(description="Creation time (UTC).")
+
+
+class ColumnSummary(BaseModel):
+    name: str = Field(description="Column name.", examples=["Murder"])
+    dtype: Dtype = Field(description="Column type.", examples=["float64"])
+    count: int = Field(description="Non-null values.", examples=[50])
+    null_count: int = Field(description="Null (missing) values.", examples=[0])
+    min: float | str | None = Field(description="Smallest value (text columns: lexicographic).", examples=[0.8])
+    max: float | str | None = Field(description="Largest value.", examples=[17.4])
+    mean: float | None = Field(description="Mean of a numeric column.", examples=[7.788])
+    std: float | None = Field(description="Sample standard deviation (ddof=1) of a numeric column.", examples=[4.356])
+
+
+class DatasetDetail(Dataset):
+    """Metadata plus a per-column summary."""
+
+    summary: list[ColumnSummary] = Field(description="One entry per column.")
+
+
+class DatasetRows(BaseModel):
+    dataset_id: str = Field(description="The dataset.", examples=["ds-6f1c0e9b2a4d4f3e8b1a"])
+    columns: list[str] = Field(description="Column names, in order.", examples=[["State", "Murder"]])
+    rows: list[list[CellValue]] = Field(description="Rows in stored order.", examples=[[["Alabama", 13.2]]])
+    offset: int = Field(description="Index of the first row returned.", examples=[0])
+    limit: int = Field(description="Most rows asked for.", examples=[100])
+    total: int = Field(description="Rows in the dataset.", examples=[50])
+
+
+class JoinStep(BaseModel):
+    """Join another dataset on a key column. Duplicate keys on either side are an error."""
+
+    op: Literal["join"]
+    dataset_id: str = Field(description="The dataset to join in.", examples=["ds-0a1b2c3d4e5f60718293"])
+    how: Literal["inner", "left"] = Field(default="inner", description="`inner` keeps keys present in both.")
+    on: str | None = Field(
+        default=None, description="Column present in both; default: this dataset's key column.", examples=["State"]
+    )
+
+
+class ScaleStep(BaseModel):
+    """Rescale numeric columns; the fitted parameters are stored in the recipe."""
+
+    op: Literal["scale"]
+    columns: list[ColumnName] = Field(min_length=1, description="Columns to scale.", examples=[["DensityPerMile"]])
+    method: Literal["minmax", "standard"] = Field(
+        default="minmax",
+        description="`minmax`: linear map of [min, max] onto `feature_range` (like `np.interp`); `standard`: z-score.",
+    )
+    feature_range: tuple[float, float] = Field(
+        default=(-1.0, 1.0), description="Target range for `minmax`.", examples=[[-1.0, 1.0]]
+    )
+
+    @field_validator("feature_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not (low < high) or any(abs(v) == float("inf") for v in value):
+            raise ValueError("feature_range must be two finite numbers with low < high")
+        return value
+
+
+class SelectStep(BaseModel):
+    """Keep only these columns, in this order (the key column is always kept, first)."""
+
+    op: Literal["select"]
+    columns: list[ColumnName] = Field(min_length=1, examples=[["Murder", "Assault", "UrbanPop", "Rape"]])
+
+
+class DropStep(BaseModel):
+    """Remove columns."""
+
+    op: Literal["drop"]
+    columns: list[ColumnName] = Field(min_length=1, examples=[["UrbanPop"]])
+
+
+class RenameStep(BaseModel):
+    """Rename columns (old name → new name)."""
+
+    op: Literal["rename"]
+    mapping: dict[str, ColumnName] = Field(min_length=1, examples=[{"DensityPerMile": "Density"}])
+
+
+class DropNaStep(BaseModel):
+    """Drop rows with a null in any of `columns` (default: any column)."""
+
+    op: Literal["dropna"]
+    columns: list[ColumnName] | None = Field(default=None, examples=[["Murder"]])
+
+
+class FillNaStep(BaseModel):
+    """Fill nulls with the column mean or a constant; the values used are stored in the recipe."""
+
+    op: Literal["fillna"]
+    columns: list[ColumnName] | None = Field(default=None, description="Default: every column with nulls.")
+    strategy: Literal["mean", "constant"] = Field(default="mean")
+    value: StrictFloat | StrictInt | StrictStr | None = Field(
+        default=None, description="The constant for `strategy: constant`.", examples=[0]
+    )
+
+
+DeriveStep = Annotated[
+    JoinStep | ScaleStep | SelectStep | DropStep | RenameStep | DropNaStep | FillNaStep,
+    Field(discriminator="op"),
+]
+
+
+class DeriveRequest(BaseModel):
+    """Make a new dataset by applying steps, in order, to an existing one."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "densities-scaled",
+                    "steps": [{"op": "scale", "columns": ["DensityPerMile"], "method": "minmax"}],
+                },
+                {
+                    "name": "workshop-features",
+                    "steps": [
+                        {"op": "join", "dataset_id": "ds-0a1b2c3d4e5f60718293", "how": "inner"},
+                        {"op": "select", "columns": ["Murder", "Assault", "UrbanPop", "Rape", "DensityPerMile"]},
+                    ],
+                },
+            ]
+        }
+    )
+
+    name: Name
+    steps: list[DeriveStep] = Field(min_length=1, max_length=100, description="Steps applied in order.")
+
+    _check_name = field_validator("name")(_no_control_chars)

@@ -1,0 +1,41 @@
+"""Dataset rows in the database (metadata only; the data is a Parquet file in the store)."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.db.tables import DatasetTable
+from service.errors import NotFound
+
+
+class DatasetRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, row: DatasetTable) -> None:
+        self.session.add(row)
+        self.session.flush()
+
+    def get(self, dataset_id: str) -> DatasetTable:
+        row = self.session.get(DatasetTable, dataset_id)
+        if row is None:
+            raise NotFound(f"dataset {dataset_id!r} not found", details={"dataset_id": dataset_id})
+        return row
+
+    def list(self, offset: int, limit: int, name: str | None = None) -> tuple[list[DatasetTable], int]:
+        query = select(DatasetTable)
+        if name is not None:
+            query = query.where(DatasetTable.name == name)
+        total = self.session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = self.session.scalars(
+            query.order_by(DatasetTable.created_at.desc(), DatasetTable.id).offset(offset).limit(limit)
+        ).all()
+        return list(rows), total
+
+    def delete(self, row: DatasetTable) -> None:
+        self.session.delete(row)
+        self.session.flush()
+
+    def storage_keys(self) -> set[str]:
+        return set(self.session.scalars(select(DatasetTable.storage_key)).all())

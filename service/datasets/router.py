@@ -1,0 +1,223 @@
+"""HTTP routes of the datasets API. Validation and HTTP shapes only; the work is in the service."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
+
+from schemas.common import Page, error_responses
+from schemas.datasets import Dataset, DatasetCreate, DatasetDetail, DatasetRows, DeriveRequest
+from service.datasets.parsing import DELIMITERS
+from service.datasets.service import DatasetService
+from service.deps import AppState, app_state, db_session
+from service.errors import RequestValidationFailed, UnsupportedMediaType
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+class CSVResponse(StreamingResponse):
+    media_type = "text/csv"
+
+
+class CsvUploadForm(BaseModel):
+    """The non-file fields of a CSV upload."""
+
+    name: str = Field(min_length=1, max_length=200)
+    key_column: str | None = Field(default=None, max_length=256)
+    delimiter: str = Field(default=",")
+
+    @field_validator("key_column")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @field_validator("delimiter")
+    @classmethod
+    def _known_delimiter(cls, value: str) -> str:
+        if value not in DELIMITERS:
+            raise ValueError(f"must be one of {sorted(DELIMITERS)}")
+        return value
+
+
+_CREATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "name"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "UTF-8 CSV with a header row."},
+                        "name": {"type": "string", "minLength": 1, "maxLength": 200, "example": "crimes"},
+                        "key_column": {"type": "string", "maxLength": 256, "example": "State"},
+                        "delimiter": {"type": "string", "enum": sorted(DELIMITERS), "default": ","},
+                    },
+                },
+                "encoding": {"file": {"contentType": "text/csv"}},
+            },
+            "application/json": {"schema": DatasetCreate.model_json_schema()},
+        },
+    }
+}
+
+
+def dataset_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> DatasetService:
+    return DatasetService(
+        session,
+        state.store,
+        max_columns=state.settings.max_columns,
+        row_group_rows=state.settings.parquet_row_group_rows,
+    )
+
+
+Service = Annotated[DatasetService, Depends(dataset_service)]
+
+
+def _validation_failed(exc: ValidationError) -> RequestValidationFailed:
+    details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return RequestValidationFailed("the request does not match the API schema", details=details)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Dataset,
+    summary="Create a dataset from a CSV upload or JSON rows",
+    responses=error_responses(400, 413, 415, 422, 503, 507),
+    openapi_extra=_CREATE_BODY,
+)
+async def create_dataset(request: Request, service: Service) -> Any:
+    """Upload a CSV file (multipart: `file`, `name`, optional `key_column`, `delimiter`) or send
+    `{name, key_column, columns, rows}` as JSON. Column types are inferred; numbers written with
+    thousands separators or as quoted strings (`"1,210.5"`) are numbers."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _create_from_upload(request, service)
+    if content_type == "application/json":
+        try:
+            payload = DatasetCreate.model_validate(json.loads(await request.body()))
+        except json.JSONDecodeError as exc:
+            raise RequestValidationFailed(f"the body is not valid JSON: {exc.msg}") from exc
+        except ValidationError as exc:
+            raise _validation_failed(exc) from exc
+        return await run_in_threadpool(service.create_from_rows, payload)
+    raise UnsupportedMediaType(
+        f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data or application/json"
+    )
+
+
+async def _create_from_upload(request: Request, service: DatasetService) -> Any:
+    async with request.form(max_files=1, max_fields=10) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise RequestValidationFailed("multipart field `file` (the CSV file) is required")
+        try:
+            fields = CsvUploadForm.model_validate({k: v for k, v in form.items() if isinstance(v, str)})
+        except ValidationError as exc:
+            raise _validation_failed(exc) from exc
+        data = await upload.read()
+    return await run_in_threadpool(
+        service.create_from_csv,
+        fields.name,
+        data,
+        key_column=fields.key_column,
+        filename=upload.filename,
+        delimiter=fields.delimiter,
+    )
+
+
+@router.get("", response_model=Page[Dataset], summary="List datasets, newest first", responses=error_responses(422))
+def list_datasets(
+    service: Service,
+    offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
+    name: Annotated[str | None, Query(max_length=200, description="Only datasets with this name.")] = None,
+) -> Any:
+    rows, total = service.list(offset, limit, name)
+    return Page[Dataset](
+        items=[Dataset.model_validate(r, from_attributes=True) for r in rows], total=total, offset=offset, limit=limit
+    )
+
+
+@router.get(
+    "/{dataset_id}",
+    response_model=DatasetDetail,
+    summary="A dataset's metadata and per-column summary",
+    responses=error_responses(404, 422),
+)
+def get_dataset(dataset_id: str, service: Service) -> Any:
+    row = service.get(dataset_id)
+    return DatasetDetail.model_validate(
+        {**Dataset.model_validate(row, from_attributes=True).model_dump(), "summary": service.summary(row)}
+    )
+
+
+@router.get(
+    "/{dataset_id}/rows",
+    response_model=DatasetRows,
+    summary="A page of a dataset's rows",
+    responses=error_responses(404, 422),
+)
+def get_rows(
+    dataset_id: str,
+    service: Service,
+    offset: Annotated[int, Query(ge=0, description="First row (0-based).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most rows to return.")] = 100,
+) -> Any:
+    row = service.get(dataset_id)
+    return DatasetRows(
+        dataset_id=row.id,
+        columns=[c["name"] for c in row.columns],
+        rows=service.rows(row, offset, limit),
+        offset=offset,
+        limit=limit,
+        total=row.row_count,
+    )
+
+
+@router.get(
+    "/{dataset_id}/csv",
+    response_class=CSVResponse,
+    summary="Download a dataset as CSV",
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}, **error_responses(404, 422)},
+)
+def download_csv(dataset_id: str, service: Service) -> CSVResponse:
+    row = service.get(dataset_id)
+    return CSVResponse(
+        service.csv_chunks(row), headers={"Content-Disposition": f'attachment; filename="{row.id}.csv"'}
+    )
+
+
+@router.post(
+    "/{dataset_id}/derive",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Dataset,
+    summary="Derive a new dataset by joining, scaling, selecting, renaming, filling",
+    responses=error_responses(400, 404, 422, 503, 507),
+)
+def derive_dataset(dataset_id: str, request: DeriveRequest, service: Service) -> Any:
+    """Apply `steps` in order to dataset `dataset_id`; the result is a new dataset whose recipe
+    records every step with its fitted parameters."""
+    return service.derive(dataset_id, request)
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a dataset",
+    responses=error_responses(404, 409, 422),
+)
+def delete_dataset(dataset_id: str, service: Service) -> Response:
+    """Refused with 409 while a training job or model still uses it."""
+    service.delete(dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+

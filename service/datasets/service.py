@@ -1,0 +1,192 @@
+"""Dataset use cases: create (CSV or JSON), derive, read, export, delete."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from sqlalchemy.orm import Session
+
+from schemas.datasets import DatasetCreate, DeriveRequest
+from service.datasets.parsing import frame_from_rows, read_csv_text, type_columns
+from service.datasets.repository import DatasetRepository
+from service.datasets.transforms import Recipe, Table, apply_steps, ensure_unique_key, is_numeric
+from service.db.tables import DatasetTable
+from service.errors import Conflict, InvalidInput
+from service.ids import new_id
+from service.storage import LocalArtifactStore
+
+DATASET_PREFIX = "datasets"
+CSV_CHUNK_ROWS = 10_000
+
+# Who still uses a dataset: each checker returns human-readable references (filled by later domains).
+UsageCheck = Callable[[Session, str], list[str]]
+USAGE_CHECKS: list[UsageCheck] = []
+
+
+def dtype_name(series: pd.Series) -> str:
+    if pd.api.types.is_integer_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
+        return "int64"
+    if is_numeric(series):
+        return "float64"
+    return "string"
+
+
+def json_cells(frame: pd.DataFrame) -> list[list[Any]]:
+    """Rows as JSON-ready lists (NaN/NA become null)."""
+    as_object = frame.astype(object)
+    return as_object.where(frame.notna(), None).to_numpy().tolist()
+
+
+class DatasetService:
+    def __init__(self, session: Session, store: LocalArtifactStore, *, max_columns: int, row_group_rows: int) -> None:
+        self.session = session
+        self.repository = DatasetRepository(session)
+        self.store = store
+        self.max_columns = max_columns
+        self.row_group_rows = row_group_rows
+
+    # --- creation -----------------------------------------------------------------------------
+
+    def create_from_csv(
+        self, name: str, data: bytes, *, key_column: str | None, filename: str | None, delimiter: str = ","
+    ) -> DatasetTable:
+        header, text_frame = read_csv_text(data, delimiter, self.max_columns)
+        parsed = type_columns(text_frame, key_column)
+        recipe: Recipe = {"source": "upload", "filename": _safe_filename(filename), "columns": header}
+        return self._store_new(name, Table(parsed.frame, parsed.key_column), recipe)
+
+    def create_from_rows(self, request: DatasetCreate) -> DatasetTable:
+        if len(request.columns) > self.max_columns:
+            raise InvalidInput(f"at most {self.max_columns} columns are allowed")
+        parsed = type_columns(frame_from_rows(request.columns, request.rows), request.key_column)
+        recipe: Recipe = {"source": "json", "columns": list(request.columns)}
+        return self._store_new(request.name, Table(parsed.frame, parsed.key_column), recipe)
+
+    def derive(self, parent_id: str, request: DeriveRequest) -> DatasetTable:
+        parent = self.repository.get(parent_id)
+        table, fitted = apply_steps(self.load_table(parent), request.steps, self._load_with_recipe)
+        ensure_unique_key(table)
+        recipe: Recipe = {"source": "derived", "parent_id": parent.id, "parent": parent.recipe, "steps": fitted}
+        return self._store_new(request.name, table, recipe)
+
+    def _load_with_recipe(self, dataset_id: str) -> tuple[Table, Recipe]:
+        row = self.repository.get(dataset_id)
+        return self.load_table(row), row.recipe
+
+    def _store_new(self, name: str, table: Table, recipe: Recipe) -> DatasetTable:
+        """Write the Parquet file and the row together: both land, or neither does."""
+        dataset_id = new_id("ds")
+        key = f"{DATASET_PREFIX}/{dataset_id}.parquet"
+        frame = table.frame.reset_index(drop=True)
+        with self.store.staged(key) as staged:
+            frame.to_parquet(staged.path, index=False, row_group_size=self.row_group_rows)
+            row = DatasetTable(
+                id=dataset_id,
+                name=name,
+                key_column=table.key_column,
+                columns=[{"name": c, "dtype": dtype_name(frame[c])} for c in frame.columns],
+                row_count=len(frame),
+                size_bytes=staged.path.stat().st_size,
+                storage_key=key,
+                recipe=recipe,
+            )
+            self.repository.add(row)
+            staged.publish()
+            self.session.commit()
+        return row
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def get(self, dataset_id: str) -> DatasetTable:
+        return self.repository.get(dataset_id)
+
+    def list(self, offset: int, limit: int, name: str | None) -> tuple[list[DatasetTable], int]:
+        return self.repository.list(offset, limit, name)
+
+    def load_table(self, row: DatasetTable, columns: list[str] | None = None) -> Table:
+        frame = pd.read_parquet(self.store.path(row.storage_key), columns=columns)
+        return Table(frame, row.key_column)
+
+    def summary(self, row: DatasetTable) -> list[dict[str, Any]]:
+        frame = self.load_table(row).frame
+        return [_column_summary(frame[column["name"]], column["dtype"]) for column in row.columns]
+
+    def rows(self, row: DatasetTable, offset: int, limit: int) -> list[list[Any]]:
+        """Rows [offset, offset+limit), reading only the Parquet row groups that hold them."""
+        parquet = pq.ParquetFile(self.store.path(row.storage_key))
+        pieces: list[pd.DataFrame] = []
+        start = 0
+        for group in range(parquet.num_row_groups):
+            size = parquet.metadata.row_group(group).num_rows
+            if start + size > offset and start < offset + limit:
+                piece = parquet.read_row_group(group).to_pandas()
+                pieces.append(piece.iloc[max(offset - start, 0) : offset + limit - start])
+            start += size
+        if not pieces:
+            return []
+        return json_cells(pd.concat(pieces, ignore_index=True))
+
+    def csv_chunks(self, row: DatasetTable) -> Iterator[bytes]:
+        """The dataset as CSV, streamed row group by row group."""
+        parquet = pq.ParquetFile(self.store.path(row.storage_key))
+        header = True
+        for batch in parquet.iter_batches(batch_size=CSV_CHUNK_ROWS):
+            buffer = io.StringIO()
+            batch.to_pandas().to_csv(buffer, index=False, header=header, lineterminator="\n")
+            header = False
+            yield buffer.getvalue().encode("utf-8")
+
+    # --- deletion -----------------------------------------------------------------------------
+
+    def delete(self, dataset_id: str) -> None:
+        row = self.repository.get(dataset_id)
+        users = [ref for check in USAGE_CHECKS for ref in check(self.session, dataset_id)]
+        if users:
+            raise Conflict(
+                f"dataset {dataset_id!r} is still used by {', '.join(users[:5])}", details={"used_by": users}
+            )
+        key = row.storage_key
+        self.repository.delete(row)
+        self.session.commit()
+        self.store.delete(key)
+
+
+def sweep_orphan_files(session: Session, store: LocalArtifactStore, grace_seconds: float) -> list[str]:
+    """Remove dataset files no row names (left by a process killed between write and commit)."""
+    return store.sweep_orphans(DATASET_PREFIX, DatasetRepository(session).storage_keys(), grace_seconds)
+
+
+def _safe_filename(filename: str | None) -> str | None:
+    if not filename:
+        return None
+    return PurePath(filename.replace("\\", "/")).name[:200] or None
+
+
+def _column_summary(series: pd.Series, dtype: str) -> dict[str, Any]:
+    present = series.dropna()
+    summary: dict[str, Any] = {
+        "name": series.name,
+        "dtype": dtype,
+        "count": int(present.size),
+        "null_count": int(series.size - present.size),
+        "min": None,
+        "max": None,
+        "mean": None,
+        "std": None,
+    }
+    if present.empty:
+        return summary
+    if dtype == "string":
+        summary["min"], summary["max"] = str(present.min()), str(present.max())
+        return summary
+    values = present.to_numpy(dtype="float64")
+    summary.update(min=float(values.min()), max=float(values.max()), mean=float(values.mean()))
+    if values.size > 1:
+        summary["std"] = float(np.std(values, ddof=1))
+    return summary

@@ -1,0 +1,36 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
+
+from schemas.common import HealthStatus
+from service.deps import AppState, app_state
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=HealthStatus, summary="Is the process alive?")
+def healthz() -> HealthStatus:
+    return HealthStatus(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=HealthStatus,
+    summary="Can the service do work? (database reachable, artifact directory writable)",
+    responses={503: {"model": HealthStatus, "description": "A dependency is down"}},
+)
+def readyz(state: AppState = Depends(app_state)) -> JSONResponse:
+    checks = {"database": "ok", "artifact_store": "ok"}
+    try:
+        state.database.ping()
+    except SQLAlchemyError as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    if not state.store.is_writable():
+        checks["artifact_store"] = "not writable"
+    healthy = all(value == "ok" for value in checks.values())
+    body = HealthStatus(status="ok" if healthy else "unavailable", checks=checks)
+    return JSONResponse(status_code=200 if healthy else 503, content=body.model_dump())

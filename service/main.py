@@ -1,0 +1,86 @@
+"""The FastAPI application: routers, the one error handler, start-up and shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import health
+from service.datasets import router as datasets_router
+from service.datasets.service import sweep_orphan_files
+from service.db.migrate import upgrade_to_head
+from service.db.session import Database
+from service.deps import AppState
+from service.errors import install_error_handlers
+from service.logging_setup import configure_logging
+from service.middleware import BodySizeLimitMiddleware, RequestLogMiddleware
+from service.settings import Settings, get_settings
+from service.storage import LocalArtifactStore
+
+log = logging.getLogger("centroid")
+
+DESCRIPTION = """
+Centroid runs the Amazon SageMaker k-means workshop as a REST service: upload tables, scale and
+join them, train k-means (SageMaker's web-scale algorithm, locally or on SageMaker), deploy the
+model to an endpoint and ask which cluster each row belongs to.
+
+Every error has the body `{"error": {"code", "message", "details", "request_id"}}`.
+"""
+
+
+def build_state(settings: Settings) -> AppState:
+    return AppState(
+        settings=settings,
+        database=Database(settings.resolved_database_url),
+        store=LocalArtifactStore(settings.resolved_artifact_dir),
+    )
+
+
+def start_up(state: AppState) -> None:
+    """Prepare storage and schema, and remove what a crashed process may have left behind."""
+    state.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    state.store.ensure_root()
+    upgrade_to_head(state.database.engine)
+    with state.database.session() as session:
+        sweep_orphan_files(session, state.store, state.settings.orphan_grace_seconds)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    state = build_state(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start_up(state)
+        log.info("centroid ready", extra={"database": state.database.dialect, "artifacts": str(state.store.root)})
+        try:
+            yield
+        finally:
+            state.database.dispose()
+
+    app = FastAPI(
+        title="Centroid",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.centroid = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestLogMiddleware)
+    app.include_router(health.router)
+    app.include_router(datasets_router.router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """``service.main:app`` builds the app from the environment on first use."""
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,76 @@
+"""Configuration: the only module that reads the environment.
+
+Every setting can be given as an environment variable with the ``CENTROID_`` prefix
+(``CENTROID_DATABASE_URL``, ``CENTROID_MAX_UPLOAD_BYTES``, ...).  ``DATABASE_URL`` without the
+prefix is accepted too, because that is what hosting platforms and docker images set.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Centroid's settings, with defaults for the embedded single-machine mode."""
+
+    model_config = SettingsConfigDict(env_prefix="CENTROID_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("centroid-data"),
+        description="Directory for the default SQLite database and artifacts; created on start.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CENTROID_DATABASE_URL", "DATABASE_URL", "database_url"),
+        description="SQLAlchemy URL. Default: a SQLite file `centroid.db` inside `data_dir`.",
+    )
+    artifact_dir: Path | None = Field(
+        default=None, description="Where dataset Parquet files and models live. Default: data_dir/artifacts."
+    )
+    max_upload_bytes: int = Field(
+        default=100 * MIB, ge=1, description="Largest accepted request body, in bytes (413 above)."
+    )
+    max_columns: int = Field(default=10_000, ge=1, description="Most columns a dataset may have.")
+    parquet_row_group_rows: int = Field(
+        default=65_536, ge=1, description="Rows per Parquet row group (the unit training streams)."
+    )
+    orphan_grace_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="Age after which an artifact file with no database row is swept at start-up.",
+    )
+    log_level: str = Field(default="INFO", description="Python logging level name.")
+    log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL actually used (the SQLite default lives in ``data_dir``)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'centroid.db').resolve()}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        """The artifact directory actually used."""
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once from the environment (tests build their own ``Settings``)."""
+    return Settings()
