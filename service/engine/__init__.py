@@ -1,0 +1,51 @@
+"""Centroid's k-means engine: SageMaker-compatible web-scale k-means as a plain library.
+
+No web, database or cloud imports: it takes arrays or batch sources and plain hyperparameters,
+and reads/writes SageMaker's ``model.tar.gz`` format. See docs/engine.md.
+"""
+
+from service.engine.errors import EngineInputError, TrainingStopped
+from service.engine.hyperparameters import (
+    HyperparameterError,
+    KMeansHyperparameters,
+    ParameterProblem,
+)
+from service.engine.metrics import TrainingMetrics
+from service.engine.mxnet_format import (
+    ModelFormatError,
+    NDArrayHeader,
+    NDArrayList,
+    read_model_tar,
+    read_ndarray_list,
+    write_model_tar,
+    write_ndarray_list,
+)
+from service.engine.predict import Prediction, predict
+from service.engine.sources import ArrayBatchSource, BatchSource, ParquetBatchSource
+from service.engine.webscale import WebScaleKMeans, reduce_centers
+
+ENGINE_VERSION = "1.0.0"
+
+__all__ = [
+    "ENGINE_VERSION",
+    "ArrayBatchSource",
+    "BatchSource",
+    "EngineInputError",
+    "HyperparameterError",
+    "KMeansHyperparameters",
+    "ModelFormatError",
+    "NDArrayHeader",
+    "NDArrayList",
+    "ParameterProblem",
+    "ParquetBatchSource",
+    "Prediction",
+    "TrainingMetrics",
+    "TrainingStopped",
+    "WebScaleKMeans",
+    "predict",
+    "read_model_tar",
+    "read_ndarray_list",
+    "reduce_centers",
+    "write_model_tar",
+    "write_ndarray_list",
+]

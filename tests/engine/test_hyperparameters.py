@@ -1,0 +1,255 @@
+"""Hyperparameter parsing and validation follow SageMaker KMeans's names, ranges and defaults."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.engine import HyperparameterError, KMeansHyperparameters, ParameterProblem
+
+BASE = {"k": "10", "feature_dim": "5"}
+
+
+def parse(**overrides: object) -> KMeansHyperparameters:
+    return KMeansHyperparameters.from_mapping({**BASE, **overrides})
+
+
+def problems(raw: dict[str, object]) -> dict[str, str]:
+    with pytest.raises(HyperparameterError) as caught:
+        KMeansHyperparameters.from_mapping(raw)
+    return {p.parameter: p.message for p in caught.value.errors}
+
+
+def test_defaults_match_sagemaker() -> None:
+    hp = KMeansHyperparameters.from_mapping(BASE)
+    assert hp == KMeansHyperparameters(k=10, feature_dim=5)
+    assert (hp.mini_batch_size, hp.epochs, hp.init_method) == (5000, 1, "random")
+    assert (hp.extra_center_factor, hp.local_lloyd_num_trials) == ("auto", "auto")
+    assert (hp.local_lloyd_max_iter, hp.local_lloyd_tol, hp.local_lloyd_init_method) == (
+        300,
+        0.0001,
+        "kmeans++",
+    )
+    assert (hp.half_life_time_size, hp.eval_metrics, hp.seed) == (0, ("msd",), None)
+    assert (hp.effective_extra_center_factor, hp.effective_num_trials) == (10, 10)
+
+
+def test_sagemaker_strings_are_parsed() -> None:
+    hp = KMeansHyperparameters.from_mapping(
+        {
+            "k": "10",
+            "feature_dim": "5",
+            "mini_batch_size": "500",
+            "epochs": "3",
+            "init_method": "kmeans++",
+            "extra_center_factor": "4",
+            "local_lloyd_max_iter": "100",
+            "local_lloyd_tol": "1e-3",
+            "local_lloyd_init_method": "random",
+            "local_lloyd_num_trials": "7",
+            "half_life_time_size": "1000",
+            "eval_metrics": '["msd", "ssd"]',
+            "seed": "42",
+        }
+    )
+    assert hp == KMeansHyperparameters(
+        k=10,
+        feature_dim=5,
+        mini_batch_size=500,
+        epochs=3,
+        init_method="kmeans++",
+        extra_center_factor=4,
+        local_lloyd_max_iter=100,
+        local_lloyd_tol=0.001,
+        local_lloyd_init_method="random",
+        local_lloyd_num_trials=7,
+        half_life_time_size=1000,
+        eval_metrics=("msd", "ssd"),
+        seed=42,
+    )
+    assert (hp.effective_extra_center_factor, hp.effective_num_trials) == (4, 7)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("k", 2, 2),
+        ("k", "3", 3),
+        ("k", 3.0, 3),
+        ("k", " 12 ", 12),
+        ("k", np.int64(4), 4),
+        ("epochs", "3.0", 3),
+        ("extra_center_factor", "auto", "auto"),
+        ("extra_center_factor", "AUTO", "auto"),
+        ("extra_center_factor", 1, 1),
+        ("local_lloyd_num_trials", "auto", "auto"),
+        ("local_lloyd_num_trials", "2", 2),
+        ("local_lloyd_tol", "0", 0.0),
+        ("local_lloyd_tol", 1, 1.0),
+        ("half_life_time_size", "0", 0),
+        ("eval_metrics", ["ssd"], ("ssd",)),
+        ("eval_metrics", ("ssd", "msd"), ("ssd", "msd")),
+        ("eval_metrics", "msd,ssd", ("msd", "ssd")),
+        ("eval_metrics", "ssd", ("ssd",)),
+        ("seed", None, None),
+        ("seed", "0", 0),
+    ],
+)
+def test_valid_values(name: str, value: object, expected: object) -> None:
+    assert getattr(parse(**{name: value}), name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rule"),
+    [
+        ("k", "1", "must be an integer >= 2"),
+        ("k", "3.5", "must be an integer >= 2"),
+        ("k", True, "must be an integer >= 2"),
+        ("k", "ten", "must be an integer >= 2"),
+        ("k", None, "must be an integer >= 2"),
+        ("feature_dim", 0, "must be an integer >= 1"),
+        ("mini_batch_size", "0", "must be an integer >= 1"),
+        ("mini_batch_size", False, "must be an integer >= 1"),
+        ("epochs", "-1", "must be an integer >= 1"),
+        ("epochs", "inf", "must be an integer >= 1"),
+        ("init_method", "k-means++", "must be one of 'random', 'kmeans++'"),
+        ("init_method", 1, "must be one of 'random', 'kmeans++'"),
+        ("extra_center_factor", "0", "must be an integer >= 1 or 'auto'"),
+        ("extra_center_factor", "automatic", "must be an integer >= 1 or 'auto'"),
+        ("local_lloyd_max_iter", "0", "must be an integer >= 1"),
+        ("local_lloyd_tol", "1.5", "must be a number in [0, 1]"),
+        ("local_lloyd_tol", "-0.1", "must be a number in [0, 1]"),
+        ("local_lloyd_tol", "nan", "must be a number in [0, 1]"),
+        ("local_lloyd_tol", True, "must be a number in [0, 1]"),
+        ("local_lloyd_init_method", "kmeans", "must be one of 'random', 'kmeans++'"),
+        ("local_lloyd_num_trials", 0, "must be an integer >= 1 or 'auto'"),
+        ("half_life_time_size", "-1", "must be an integer >= 0"),
+        ("eval_metrics", "[]", "must be a non-empty list of distinct values from ['msd', 'ssd']"),
+        ("eval_metrics", '["mse"]', "must be a non-empty list of distinct values"),
+        ("eval_metrics", ["msd", "msd"], "must be a non-empty list of distinct values"),
+        ("eval_metrics", '"msd"', "must be a non-empty list of distinct values"),
+        ("eval_metrics", 3, "must be a non-empty list of distinct values"),
+        ("seed", -1, "must be an integer >= 0"),
+        ("seed", 2**63, "must be an integer >= 0 and <= 9223372036854775807"),
+        ("seed", 1.5, "must be an integer >= 0"),
+    ],
+)
+def test_invalid_values_name_the_parameter_and_range(name: str, value: object, rule: str) -> None:
+    found = problems({**BASE, name: value})
+    assert list(found) == [name]
+    assert found[name].startswith(rule)
+    assert found[name].endswith(f"(got {value!r})")
+
+
+def test_error_message_format() -> None:
+    with pytest.raises(HyperparameterError) as caught:
+        parse(k="1")
+    assert "k: must be an integer >= 2 (got '1')" in str(caught.value)
+    assert caught.value.errors == [ParameterProblem("k", "must be an integer >= 2 (got '1')")]
+    assert isinstance(caught.value, ValueError)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    found = problems({"k": "1", "epochs": "0", "init_method": "x", "colour": "red"})
+    assert set(found) == {"k", "feature_dim", "epochs", "init_method", "colour"}
+    assert found["feature_dim"] == "is required; must be an integer >= 1"
+    assert found["colour"] == "unknown hyperparameter"
+
+
+def test_missing_required() -> None:
+    found = problems({})
+    assert found == {
+        "k": "is required; must be an integer >= 2",
+        "feature_dim": "is required; must be an integer >= 1",
+    }
+
+
+def test_direct_construction_is_validated_and_normalized() -> None:
+    with pytest.raises(HyperparameterError, match="k: must be an integer >= 2"):
+        KMeansHyperparameters(k=1, feature_dim=2)
+    hp = KMeansHyperparameters(k=3, feature_dim=2, eval_metrics=["ssd"])  # type: ignore[arg-type]
+    assert hp.eval_metrics == ("ssd",)
+    assert hash(hp) == hash(KMeansHyperparameters(k=3, feature_dim=2, eval_metrics=("ssd",)))
+
+
+def test_to_sagemaker_is_all_strings_without_seed() -> None:
+    hp = parse(eval_metrics=["msd", "ssd"], seed=3, extra_center_factor=2)
+    assert hp.to_sagemaker() == {
+        "k": "10",
+        "feature_dim": "5",
+        "mini_batch_size": "5000",
+        "epochs": "1",
+        "init_method": "random",
+        "extra_center_factor": "2",
+        "local_lloyd_max_iter": "300",
+        "local_lloyd_tol": "0.0001",
+        "local_lloyd_init_method": "kmeans++",
+        "local_lloyd_num_trials": "auto",
+        "half_life_time_size": "0",
+        "eval_metrics": '["msd", "ssd"]',
+    }
+    assert KMeansHyperparameters.from_mapping(hp.to_sagemaker()) == parse(
+        eval_metrics=["msd", "ssd"], extra_center_factor=2
+    )
+
+
+def test_to_dict_is_json_and_round_trips() -> None:
+    hp = parse(seed=9, eval_metrics="ssd")
+    as_json = json.loads(json.dumps(hp.to_dict()))
+    assert as_json["eval_metrics"] == ["ssd"]
+    assert KMeansHyperparameters.from_mapping(as_json) == hp
+
+
+def test_validate_against_data_shape() -> None:
+    hp = KMeansHyperparameters(k=60, feature_dim=4)
+    with pytest.raises(HyperparameterError) as caught:
+        hp.validate_against(n_rows=50, n_features=5)
+    assert {p.parameter for p in caught.value.errors} == {"k", "feature_dim"}
+    assert "k: must be <= the number of training rows (50), got 60" in str(caught.value)
+    assert "feature_dim: must equal the number of columns of the training data (5), got 4" in str(
+        caught.value
+    )
+    KMeansHyperparameters(k=50, feature_dim=5).validate_against(n_rows=50, n_features=5)
+
+
+_settings = st.fixed_dictionaries(
+    {"k": st.integers(2, 10**6), "feature_dim": st.integers(1, 10**4)},
+    optional={
+        "mini_batch_size": st.integers(1, 10**7),
+        "epochs": st.integers(1, 1000),
+        "init_method": st.sampled_from(["random", "kmeans++"]),
+        "extra_center_factor": st.one_of(st.just("auto"), st.integers(1, 100)),
+        "local_lloyd_max_iter": st.integers(1, 10**4),
+        "local_lloyd_tol": st.floats(0, 1),
+        "local_lloyd_init_method": st.sampled_from(["random", "kmeans++"]),
+        "local_lloyd_num_trials": st.one_of(st.just("auto"), st.integers(1, 100)),
+        "half_life_time_size": st.integers(0, 10**9),
+        "eval_metrics": st.sampled_from([["msd"], ["ssd"], ["msd", "ssd"], ["ssd", "msd"]]),
+        "seed": st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    },
+)
+
+
+@given(_settings)
+def test_round_trips_through_strings_and_dicts(raw: dict[str, object]) -> None:
+    hp = KMeansHyperparameters.from_mapping(raw)
+    assert KMeansHyperparameters.from_mapping(hp.to_dict()) == hp
+    from_strings = KMeansHyperparameters.from_mapping(hp.to_sagemaker())
+    assert from_strings == KMeansHyperparameters(**{**hp.to_dict(), "seed": None})  # type: ignore[arg-type]
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["k", "feature_dim", "epochs", "seed", "eval_metrics", "x"]),
+        st.text(max_size=8),
+    )
+)
+def test_arbitrary_strings_parse_or_raise_hyperparameter_error(raw: dict[str, str]) -> None:
+    try:
+        KMeansHyperparameters.from_mapping(raw)
+    except HyperparameterError as exc:
+        assert exc.errors
