@@ -14,6 +14,8 @@ def _serve(args: argparse.Namespace) -> int:
     from service.settings import get_settings
 
     settings = get_settings()
+    if args.no_worker:
+        settings = settings.model_copy(update={"embedded_worker": False})
     uvicorn.run(
         create_app(settings),
         host=args.host,
@@ -22,6 +24,26 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=30,
     )
+    return 0
+
+
+def _worker(_: argparse.Namespace) -> int:
+    import signal
+
+    from service.logging_setup import configure_logging
+    from service.main import build_state, start_up
+    from service.settings import get_settings
+    from workers.worker import Worker
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    state = build_state(settings)
+    start_up(state)
+    worker = Worker(state)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: worker.request_shutdown())
+    worker.run()
+    state.database.dispose()
     return 0
 
 
@@ -50,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument(
+        "--no-worker", action="store_true", help="do not run the embedded worker (run `centroid worker` instead)"
+    )
     serve.set_defaults(handler=_serve)
+
+    worker = commands.add_parser("worker", help="run a background worker (claims jobs, polls SageMaker)")
+    worker.set_defaults(handler=_worker)
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from service.backends import BackendRegistry
 from service.db.session import Database
+from service.endpoints.cache import ModelCache
 from service.settings import Settings
 from service.storage import LocalArtifactStore
 
@@ -20,6 +22,8 @@ class AppState:
     settings: Settings
     database: Database
     store: LocalArtifactStore
+    backends: BackendRegistry
+    model_cache: ModelCache
 
 
 def app_state(request: Request) -> AppState:

@@ -9,16 +9,24 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import health
+from service.backends import build_backends
+from service.backends import router as backends_router
 from service.datasets import router as datasets_router
 from service.datasets.service import sweep_orphan_files
 from service.db.migrate import upgrade_to_head
 from service.db.session import Database
 from service.deps import AppState
+from service.endpoints import router as endpoints_router
+from service.endpoints.cache import ModelCache
 from service.errors import install_error_handlers
+from service.jobs import router as jobs_router
 from service.logging_setup import configure_logging
 from service.middleware import BodySizeLimitMiddleware, RequestLogMiddleware
+from service.models import router as models_router
+from service.models.service import sweep_orphan_artifacts
 from service.settings import Settings, get_settings
 from service.storage import LocalArtifactStore
+from workers.worker import EmbeddedWorker
 
 log = logging.getLogger("centroid")
 
@@ -36,6 +44,8 @@ def build_state(settings: Settings) -> AppState:
         settings=settings,
         database=Database(settings.resolved_database_url),
         store=LocalArtifactStore(settings.resolved_artifact_dir),
+        backends=build_backends(settings),
+        model_cache=ModelCache(),
     )
 
 
@@ -45,7 +55,9 @@ def start_up(state: AppState) -> None:
     state.store.ensure_root()
     upgrade_to_head(state.database.engine)
     with state.database.session() as session:
-        sweep_orphan_files(session, state.store, state.settings.orphan_grace_seconds)
+        grace = state.settings.orphan_grace_seconds
+        sweep_orphan_files(session, state.store, grace)
+        sweep_orphan_artifacts(session, state.store, grace)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,10 +68,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start_up(state)
-        log.info("centroid ready", extra={"database": state.database.dialect, "artifacts": str(state.store.root)})
+        worker = EmbeddedWorker(state) if settings.embedded_worker else None
+        if worker is not None:
+            worker.start()
+        log.info(
+            "centroid ready",
+            extra={"database": state.database.dialect, "artifacts": str(state.store.root), "embedded_worker": bool(worker)},
+        )
         try:
             yield
         finally:
+            if worker is not None:
+                worker.stop()
             state.database.dispose()
 
     app = FastAPI(
@@ -73,7 +93,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestLogMiddleware)
     app.include_router(health.router)
+    app.include_router(backends_router.router)
     app.include_router(datasets_router.router)
+    app.include_router(jobs_router.router)
+    app.include_router(models_router.router)
+    app.include_router(endpoints_router.router)
     return app
 
 

@@ -46,6 +46,23 @@ class Settings(BaseSettings):
         ge=0,
         description="Age after which an artifact file with no database row is swept at start-up.",
     )
+    max_invocation_rows: int = Field(
+        default=100_000, ge=1, description="Most rows one invocation or prediction request may carry (413 above)."
+    )
+    embedded_worker: bool = Field(
+        default=True, description="Run a background worker inside the API process (`centroid serve`)."
+    )
+    worker_poll_interval: float = Field(
+        default=1.0, gt=0, description="Seconds an idle worker waits before looking for work again."
+    )
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a claimed job stays a worker's without a heartbeat; after that another worker takes it.",
+    )
+    remote_poll_seconds: float = Field(
+        default=15.0, gt=0, description="Seconds between status polls of remote (SageMaker) jobs and endpoints."
+    )
     log_level: str = Field(default="INFO", description="Python logging level name.")
     log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")
 

@@ -58,6 +58,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         database_url=database_url,
         log_format="text",
         log_level="WARNING",
+        embedded_worker=False,
     )
 
 

@@ -57,3 +57,111 @@ def workshop_dataset(client: TestClient, crimes: bytes, densities: bytes) -> dic
             {"op": "select", "columns": WORKSHOP_FEATURES},
         ],
     )
+
+
+def run_worker_until_idle(app: Any, rounds: int = 20) -> None:
+    """Drive an in-process worker until it finds nothing to do (deterministic, no threads)."""
+    from workers.worker import Worker
+
+    worker = Worker(app.state.centroid, worker_id="test-worker")
+    for _ in range(rounds):
+        if not worker.run_once():
+            return
+    raise AssertionError("worker still busy after many rounds")
+
+
+def start_job(client: TestClient, name: str, dataset_id: str, expect: int = 202, **fields: Any) -> dict[str, Any]:
+    body = {"name": name, "train_dataset_id": dataset_id, "hyperparameters": {"k": 3, "seed": 1}, **fields}
+    response = client.post("/training-jobs", json=body)
+    assert response.status_code == expect, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def trained_model(client: TestClient, dataset_id: str, name: str = "job", **fields: Any) -> dict[str, Any]:
+    """Train to completion with an in-process worker; return the model."""
+    start_job(client, name, dataset_id, **fields)
+    run_worker_until_idle(client.app)
+    job = client.get(f"/training-jobs/{name}").json()
+    assert job["status"] == "Completed", job
+    return client.get(f"/models/{job['model_id']}").json()  # type: ignore[no-any-return]
+
+
+def deployed(client: TestClient, model_id: str, name: str = "ep") -> dict[str, Any]:
+    response = client.post("/endpoints", json={"name": name, "model_id": model_id})
+    assert response.status_code == 202, response.text
+    run_worker_until_idle(client.app)
+    endpoint = client.get(f"/endpoints/{name}").json()
+    assert endpoint["status"] == "InService", endpoint
+    return endpoint  # type: ignore[no-any-return]
+
+
+BLOBS_CSV = (
+    "id,x,y,label\n"
+    + "".join(f"a{i},{0.1 * (i % 5)},{0.1 * (i % 3)},left\n" for i in range(20))
+    + "".join(f"b{i},{10 + 0.1 * (i % 5)},{0.1 * (i % 3)},right\n" for i in range(20))
+    + "".join(f"c{i},{0.1 * (i % 5)},{10 + 0.1 * (i % 3)},top\n" for i in range(20))
+).encode()
+
+
+class LiveServer:
+    """The app served by a real uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def wait_for(fetch: Any, predicate: Any, timeout: float = 60.0, interval: float = 0.1) -> Any:
+    """Poll ``fetch()`` until ``predicate(value)`` holds; return the value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if predicate(value):
+            return value
+        assert time.monotonic() < deadline, f"timed out; last value: {value}"
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def centroid_process(args: list[str], env: dict[str, str], log_path: Any) -> Any:
+    """Start ``centroid <args>`` as a subprocess (the real CLI), logging to ``log_path``."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "CENTROID_LOG_FORMAT": "text", **env}
+    log_file = open(log_path, "ab")  # noqa: SIM115 - closed with the process by the caller's cleanup
+    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=full_env, stdout=log_file, stderr=log_file)

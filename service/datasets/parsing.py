@@ -148,8 +148,10 @@ def _normalise_text(column: pd.Series) -> pd.Series:
 def _type_column(name: str, column: pd.Series, is_key: bool) -> pd.Series:
     text = _normalise_text(column)
     present = text.dropna()
-    if is_key or present.empty:
+    if is_key:
         return text.astype("string")
+    if present.empty:
+        return pd.Series(np.nan, index=text.index, dtype="float64")
     is_number = present.str.match(_NUMBER.pattern).astype(bool)
     is_non_finite = present.str.match(_NON_FINITE.pattern).astype(bool)
     if (is_number | is_non_finite).all() and is_non_finite.any():

@@ -18,6 +18,8 @@ from service.datasets.parsing import DELIMITERS
 from service.datasets.service import DatasetService
 from service.deps import AppState, app_state, db_session
 from service.errors import RequestValidationFailed, UnsupportedMediaType
+from service.jobs.repository import JobRepository
+from service.models.repository import ModelRepository
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -69,12 +71,21 @@ _CREATE_BODY: dict[str, Any] = {
 }
 
 
+def _used_by_jobs(session: Session, dataset_id: str) -> list[str]:
+    return [f"training job {name!r}" for name in JobRepository(session).using_dataset(dataset_id)]
+
+
+def _used_by_models(session: Session, dataset_id: str) -> list[str]:
+    return [f"model {model_id!r}" for model_id in ModelRepository(session).using_dataset(dataset_id)]
+
+
 def dataset_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> DatasetService:
     return DatasetService(
         session,
         state.store,
         max_columns=state.settings.max_columns,
         row_group_rows=state.settings.parquet_row_group_rows,
+        usage_checks=(_used_by_jobs, _used_by_models),
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import PurePath
 from typing import Any
 
@@ -24,9 +24,8 @@ from service.storage import LocalArtifactStore
 DATASET_PREFIX = "datasets"
 CSV_CHUNK_ROWS = 10_000
 
-# Who still uses a dataset: each checker returns human-readable references (filled by later domains).
+# Who still uses a dataset: each check returns human-readable references to its users.
 UsageCheck = Callable[[Session, str], list[str]]
-USAGE_CHECKS: list[UsageCheck] = []
 
 
 def dtype_name(series: pd.Series) -> str:
@@ -44,8 +43,17 @@ def json_cells(frame: pd.DataFrame) -> list[list[Any]]:
 
 
 class DatasetService:
-    def __init__(self, session: Session, store: LocalArtifactStore, *, max_columns: int, row_group_rows: int) -> None:
+    def __init__(
+        self,
+        session: Session,
+        store: LocalArtifactStore,
+        *,
+        max_columns: int,
+        row_group_rows: int,
+        usage_checks: Sequence[UsageCheck] = (),
+    ) -> None:
         self.session = session
+        self.usage_checks = list(usage_checks)
         self.repository = DatasetRepository(session)
         self.store = store
         self.max_columns = max_columns
@@ -146,7 +154,7 @@ class DatasetService:
 
     def delete(self, dataset_id: str) -> None:
         row = self.repository.get(dataset_id)
-        users = [ref for check in USAGE_CHECKS for ref in check(self.session, dataset_id)]
+        users = [ref for check in self.usage_checks for ref in check(self.session, dataset_id)]
         if users:
             raise Conflict(
                 f"dataset {dataset_id!r} is still used by {', '.join(users[:5])}", details={"used_by": users}

@@ -282,3 +282,41 @@ def _replay_shape(table: Table, record: FittedStep) -> Table:
 def ensure_unique_key(table: Table) -> None:
     if table.key_column is not None:
         check_key(table.frame, table.key_column)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a column came from: its raw name and the scalings applied to it, in order."""
+
+    raw_name: str
+    scalings: tuple[FittedStep, ...] = ()
+
+
+def column_lineage(recipe: Recipe) -> dict[str, Lineage]:
+    """Each column of a recipe's dataset traced back to an uploaded column."""
+    if recipe.get("source") != "derived":
+        return {name: Lineage(name) for name in recipe.get("columns", [])}
+    lineage = column_lineage(recipe["parent"])
+    for record in recipe["steps"]:
+        op = record["op"]
+        if op == "join":
+            lineage = {**column_lineage(record["right"]), **lineage}
+        elif op == "scale":
+            for name, params in record["params"].items():
+                single = {**record, "params": {name: params}}
+                lineage[name] = Lineage(lineage[name].raw_name, (*lineage[name].scalings, single))
+        elif op == "rename":
+            lineage = {record["mapping"].get(name, name): value for name, value in lineage.items()}
+        elif op == "select":
+            lineage = {name: lineage[name] for name in lineage if name in record["columns"]}
+        elif op == "drop":
+            lineage = {name: value for name, value in lineage.items() if name not in record["columns"]}
+    return lineage
+
+
+def unscale_column(values: np.ndarray, lineage: Lineage) -> np.ndarray:
+    """Undo a column's scalings, last first (centroids back in original units)."""
+    for record in reversed(lineage.scalings):
+        (params,) = record["params"].values()
+        values = unscale_values(values, record["method"], params, record["feature_range"])
+    return values

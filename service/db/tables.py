@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from service.db.types import UTCDateTime, utcnow
@@ -29,3 +29,99 @@ class DatasetTable(Base):
     storage_key: Mapped[str] = mapped_column(String(300))
     recipe: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TrainingJobTable(Base):
+    """A training job; its lease columns make it claimable by exactly one worker at a time."""
+
+    __tablename__ = "training_jobs"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    secondary_status: Mapped[str] = mapped_column(String(40))
+    status_message: Mapped[str | None] = mapped_column(Text)
+    status_transitions: Mapped[list[Any]] = mapped_column(default=list)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    train_dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    test_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), index=True)
+    feature_columns: Mapped[list[Any]] = mapped_column()
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column()
+    resource_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    points_processed: Mapped[int] = mapped_column(BigInteger, default=0)
+    points_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    training_seconds: Mapped[float | None] = mapped_column(Float)
+    billable_seconds: Mapped[float | None] = mapped_column(Float)
+    stop_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    next_poll_at: Mapped[datetime | None] = mapped_column()
+    remote: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    model_id: Mapped[str | None] = mapped_column(String(40))
+
+
+class ModelTable(Base):
+    """A trained (or imported) k-means model: centroids plus everything needed to serve them."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    source: Mapped[str] = mapped_column(String(20))
+    training_job_name: Mapped[str | None] = mapped_column(
+        ForeignKey("training_jobs.name"), unique=True
+    )
+    train_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), index=True)
+    key_column: Mapped[str | None] = mapped_column(String(256))
+    feature_names: Mapped[list[Any]] = mapped_column()
+    k: Mapped[int] = mapped_column(Integer)
+    feature_dim: Mapped[int] = mapped_column(Integer)
+    centroids: Mapped[list[Any]] = mapped_column()
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    cluster_sizes: Mapped[list[Any] | None] = mapped_column(JSON)
+    engine_version: Mapped[str | None] = mapped_column(String(40))
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    artifact_key: Mapped[str] = mapped_column(String(300))
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    artifact_size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class EndpointTable(Base):
+    """A deployment of a model; ``pending_model_id`` is the model being switched to."""
+
+    __tablename__ = "endpoints"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(20))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    pending_model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"), index=True)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    instance_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    remote: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    next_poll_at: Mapped[datetime | None] = mapped_column()
+
+
+class WorkerTable(Base):
+    """Workers announce themselves and heartbeat here (what /metrics reports on)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_poll_at: Mapped[datetime | None] = mapped_column()
+    current_job: Mapped[str | None] = mapped_column(String(63))

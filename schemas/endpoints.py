@@ -1,0 +1,121 @@
+"""Request and response models of endpoints and predictions."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+
+from schemas.jobs import BackendName, ResourceName
+
+EndpointStatus = Literal["Creating", "Updating", "InService", "Failed", "Deleting"]
+SORT_FIELDS = ("key", "cluster", "distance")
+
+
+class EndpointCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "workshop", "model_id": "mdl-1c9a7f0e2b3d4a5c6e7f"}]}
+    )
+
+    name: ResourceName
+    model_id: str = Field(min_length=1, max_length=40, description="The model to serve.")
+    backend: BackendName = Field(default="local", description="`local` (in-process) or `sagemaker`.")
+    instance_type: str | None = Field(default=None, description="SageMaker only; default from settings.", examples=["ml.m4.xlarge"])
+    instance_count: int | None = Field(default=None, ge=1, le=100, description="SageMaker only.")
+
+
+class EndpointModelSwitch(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model_id": "mdl-2d0b8e1f3c4e5b6d7f80"}]})
+
+    model_id: str = Field(min_length=1, max_length=40, description="The model to switch to.")
+
+
+class Endpoint(BaseModel):
+    """A deployed model. While `Updating`, requests are still served by the previous model."""
+
+    name: str = Field(examples=["workshop"])
+    backend: BackendName
+    model_id: str = Field(description="The model serving requests now.")
+    pending_model_id: str | None = Field(description="The model being switched to, while `Updating`.")
+    status: EndpointStatus
+    failure_reason: str | None
+    instance_config: dict[str, Any]
+    remote: dict[str, Any] = Field(description="Backend-specific identifiers (SageMaker endpoint name, ARN).")
+    created_at: datetime
+    updated_at: datetime
+
+
+Cell = StrictInt | StrictFloat | StrictStr | None
+
+
+class PredictionRequest(BaseModel):
+    """Rows to assign to clusters: objects keyed by feature name, or a stored dataset."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "rows": [
+                        {"State": "Alabama", "Murder": 13.2, "Assault": 236, "UrbanPop": 58, "Rape": 21.2, "DensityPerMile": 71.3}
+                    ],
+                    "raw": True,
+                },
+                {"dataset_id": "ds-6f1c0e9b2a4d4f3e8b1a", "sort": "cluster,distance"},
+            ]
+        }
+    )
+
+    rows: list[dict[str, Cell]] | None = Field(
+        default=None, min_length=1, description="Rows as objects; the model's key column, if present, labels each row."
+    )
+    dataset_id: str | None = Field(default=None, max_length=40, description="Predict every row of this dataset instead.")
+    raw: bool = Field(
+        default=False,
+        description="Rows are in original units: apply the model's preprocessing recipe (scaling, fills) first.",
+    )
+    include_distances: bool = Field(default=False, description="Also return the distance to every centroid.")
+    sort: str | None = Field(
+        default=None,
+        description="Comma-separated order: `key`, `cluster`, `distance`, each optionally prefixed by `-` "
+        "(descending). `cluster,distance` is the workshop's ordering. Default: input order.",
+        examples=["cluster,distance"],
+    )
+
+    @field_validator("sort")
+    @classmethod
+    def _known_fields(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        fields = [part.strip().lstrip("-") for part in value.split(",")]
+        unknown = [f for f in fields if f not in SORT_FIELDS]
+        if unknown or not fields:
+            raise ValueError(f"sort fields must be among {list(SORT_FIELDS)}")
+        return value
+
+
+class RowPrediction(BaseModel):
+    key: str = Field(description="The row's key (e.g. the state), or its position.", examples=["Alabama"])
+    closest_cluster: int = Field(examples=[3])
+    distance_to_cluster: float = Field(description="Euclidean (not squared) distance to that centroid.", examples=[12.7])
+    distances: list[float] | None = Field(default=None, description="Distance to every centroid, if asked for.")
+
+
+class PredictionResponse(BaseModel):
+    endpoint: str
+    model_id: str
+    predictions: list[RowPrediction]
+    cluster_counts: dict[str, int] = Field(
+        description="Rows per cluster (every cluster listed, zeros included).", examples=[{"0": 4, "1": 11}]
+    )
+
+
+class InvocationPrediction(BaseModel):
+    closest_cluster: float = Field(examples=[1.0])
+    distance_to_cluster: float = Field(examples=[3.2])
+
+
+class InvocationResponse(BaseModel):
+    """SageMaker KMeans's JSON response."""
+
+    predictions: list[InvocationPrediction]

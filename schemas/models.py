@@ -1,0 +1,67 @@
+"""Request and response models of models (the k-means kind)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Model(BaseModel):
+    """A trained or imported k-means model."""
+
+    id: str = Field(examples=["mdl-1c9a7f0e2b3d4a5c6e7f"])
+    name: str = Field(examples=["workshop-k10"])
+    source: Literal["training", "import"] = Field(description="Registered by a training job, or imported.")
+    training_job_name: str | None = Field(description="The job that trained it.")
+    train_dataset_id: str | None = Field(description="The dataset it was trained on.")
+    key_column: str | None = Field(description="Key column of the training dataset.", examples=["State"])
+    feature_names: list[str] = Field(examples=[["Murder", "Assault", "UrbanPop", "Rape", "DensityPerMile"]])
+    k: int = Field(examples=[10])
+    feature_dim: int = Field(examples=[5])
+    hyperparameters: dict[str, Any] = Field(description="Hyperparameters it was trained with.")
+    recipe: dict[str, Any] | None = Field(
+        description="Preprocessing recipe of the training dataset, replayed on raw rows at prediction time."
+    )
+    metrics: dict[str, float] = Field(
+        description="train_msd, train_ssd and, with a test set, test_msd, test_ssd.",
+        examples=[{"train_msd": 41.2, "train_ssd": 2060.0}],
+    )
+    cluster_sizes: list[int] | None = Field(description="Training rows closest to each centroid.")
+    engine_version: str | None = Field(description="Centroid engine version (null for SageMaker/imports).")
+    seed: int | None = Field(description="Seed used for training, if any.")
+    artifact_sha256: str = Field(description="SHA-256 of the SageMaker-format model.tar.gz.")
+    artifact_size: int = Field(description="Size of model.tar.gz in bytes.")
+    created_at: datetime
+
+
+class OriginalUnits(BaseModel):
+    feature_names: list[str] = Field(description="Names of the raw (uploaded) columns.")
+    centroids: list[list[float]] = Field(description="Centroids with every scaling undone.")
+
+
+class Centroids(BaseModel):
+    model_id: str
+    feature_names: list[str]
+    centroids: list[list[float]] = Field(description="k rows, in the units the model was trained in (scaled).")
+    original_units: OriginalUnits | None = Field(
+        description="The same centroids in original units, when the training recipe allows it."
+    )
+
+
+class Assignment(BaseModel):
+    key: str = Field(examples=["Alabama"])
+    closest_cluster: int = Field(examples=[3])
+    distance_to_cluster: float = Field(description="Euclidean distance to the centroid.", examples=[12.7])
+
+
+class Assignments(BaseModel):
+    """The training dataset's key → cluster map."""
+
+    model_id: str
+    dataset_id: str
+    key_column: str | None
+    clusters: dict[str, int] = Field(description="Key → closest cluster.", examples=[{"Alabama": 3, "Alaska": 7}])
+    distances: dict[str, float] = Field(description="Key → Euclidean distance to that cluster's centroid.")
+    counts: dict[str, int] = Field(description="Cluster → number of rows (of those returned).", examples=[{"3": 6}])

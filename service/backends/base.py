@@ -1,0 +1,152 @@
+"""The one small interface every training/serving backend implements.
+
+A backend is the only place that knows where training and serving physically happen. The worker
+drives it with ``advance_*`` calls: a local backend does the whole job in one call, a remote one
+submits on the first call and reports the remote status on later ones. Everything a backend
+needs to remember between calls goes into the ``remote`` dict it returns, which the worker stores
+in the database, so a restarted worker resumes where the last one left off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.engine import KMeansHyperparameters, Prediction
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """A dataset as training input: its Parquet file and the feature columns to use."""
+
+    dataset_id: str
+    path: Path
+    columns: list[str]
+    rows: int
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Everything a backend needs to run (or resume watching) one training job."""
+
+    job_name: str
+    train: DatasetInput
+    test: DatasetInput | None
+    hyperparameters: KMeansHyperparameters
+    resource_config: dict[str, Any]
+    remote: dict[str, Any]
+    stop_requested: bool = False
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A finished model as a backend hands it over for registration."""
+
+    centroids: np.ndarray
+    artifact: bytes
+    metrics: dict[str, Any]
+    cluster_sizes: list[int] | None
+    engine_version: str | None
+    seed: int | None
+
+
+@dataclass
+class TrainingUpdate:
+    """What the worker writes back to the job after one ``advance_training`` call."""
+
+    status: str
+    secondary_status: str
+    message: str | None = None
+    failure_reason: str | None = None
+    points_processed: int | None = None
+    points_total: int | None = None
+    training_seconds: float | None = None
+    billable_seconds: float | None = None
+    remote: dict[str, Any] = field(default_factory=dict)
+    transitions: list[dict[str, Any]] | None = None
+    result: TrainedModel | None = None
+    poll_after_seconds: float | None = None
+
+
+class TrainingHooks(Protocol):
+    """How a running training reports back: progress, and whether to stop."""
+
+    def progress(self, points_processed: int, points_total: int) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as endpoints need it."""
+
+    model_id: str
+    centroids: np.ndarray
+    feature_names: list[str]
+    artifact: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    model: ServedModel
+    instance_config: dict[str, Any]
+    remote: dict[str, Any]
+
+
+@dataclass
+class EndpointUpdate:
+    status: str
+    failure_reason: str | None = None
+    remote: dict[str, Any] = field(default_factory=dict)
+    poll_after_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    configured: bool
+    detail: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class BackendNotConfigured(Exception):
+    """The backend lacks settings it needs; the message says which."""
+
+
+class Backend(Protocol):
+    """Train and serve k-means models somewhere."""
+
+    name: str
+
+    def status(self) -> BackendStatus:
+        """Whether the backend can be used, without revealing secrets."""
+        ...
+
+    def ensure_configured(self) -> None:
+        """Raise :class:`BackendNotConfigured` when a job or endpoint could not run."""
+        ...
+
+    def advance_training(self, spec: TrainingSpec, hooks: TrainingHooks) -> TrainingUpdate:
+        """Move a job forward: start it, or report how it is doing."""
+        ...
+
+    def stop_training(self, spec: TrainingSpec) -> None:
+        """Ask a running job to stop (the worker records the outcome on a later advance)."""
+        ...
+
+    def advance_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
+        """Bring an endpoint (or its switch to ``spec.model``) towards InService."""
+        ...
+
+    def delete_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
+        """Tear an endpoint down; ``status`` "Deleted" when nothing remains."""
+        ...
+
+    def invoke(self, spec: EndpointSpec, features: np.ndarray) -> Prediction:
+        """Closest cluster and distance for each row of ``features``."""
+        ...

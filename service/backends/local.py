@@ -1,0 +1,111 @@
+"""The embedded backend: trains with Centroid's engine in the worker, serves in the API process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from service.backends.base import (
+    BackendStatus,
+    EndpointSpec,
+    EndpointUpdate,
+    TrainedModel,
+    TrainingHooks,
+    TrainingSpec,
+    TrainingUpdate,
+)
+from service.engine import (
+    ENGINE_VERSION,
+    EngineInputError,
+    HyperparameterError,
+    ModelFormatError,
+    ParquetBatchSource,
+    Prediction,
+    TrainingStopped,
+    WebScaleKMeans,
+    predict,
+    read_model_tar,
+    write_model_tar,
+)
+
+
+class LocalBackend:
+    """No cloud account needed: the worker runs the engine, endpoints predict in-process."""
+
+    name = "local"
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(self.name, True, "trains in the worker process and serves in the API process")
+
+    def ensure_configured(self) -> None:
+        """Always usable."""
+
+    def advance_training(self, spec: TrainingSpec, hooks: TrainingHooks) -> TrainingUpdate:
+        """Run the whole training now; the worker heartbeats meanwhile."""
+        started = time.monotonic()
+        estimator = WebScaleKMeans(spec.hyperparameters)
+        train = ParquetBatchSource(spec.train.path, spec.train.columns)
+        test = ParquetBatchSource(spec.test.path, spec.test.columns) if spec.test else None
+        try:
+            estimator.fit(train, test=test, progress=hooks.progress, should_stop=hooks.should_stop)
+        except TrainingStopped as stopped:
+            return TrainingUpdate(
+                status="Stopped",
+                secondary_status="Stopped",
+                message=f"stopped after {stopped.points_processed} points",
+                points_processed=stopped.points_processed,
+                **_timing(started),
+            )
+        except (EngineInputError, HyperparameterError) as exc:
+            return TrainingUpdate(
+                status="Failed", secondary_status="Failed", failure_reason=str(exc), **_timing(started)
+            )
+        centers = estimator.cluster_centers_
+        metrics = estimator.metrics_
+        return TrainingUpdate(
+            status="Completed",
+            secondary_status="Completed",
+            message="training job completed",
+            result=TrainedModel(
+                centroids=centers,
+                artifact=write_model_tar(centers),
+                metrics=_scalar_metrics(metrics.to_dict()),
+                cluster_sizes=list(metrics.cluster_sizes),
+                engine_version=ENGINE_VERSION,
+                seed=spec.hyperparameters.seed,
+            ),
+            **_timing(started),
+        )
+
+    def stop_training(self, spec: TrainingSpec) -> None:
+        """Local training notices ``stop_requested`` between mini-batches; nothing to send."""
+
+    def advance_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
+        """Check the model's artifact loads and matches its centroids; then it can serve."""
+        try:
+            centers = read_model_tar(spec.model.artifact())
+        except (ModelFormatError, OSError) as exc:
+            return EndpointUpdate(status="Failed", failure_reason=f"model artifact unusable: {exc}")
+        if centers.shape != spec.model.centroids.shape:
+            return EndpointUpdate(
+                status="Failed",
+                failure_reason=f"model artifact holds {centers.shape} centroids, expected {spec.model.centroids.shape}",
+            )
+        return EndpointUpdate(status="InService")
+
+    def delete_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
+        return EndpointUpdate(status="Deleted")
+
+    def invoke(self, spec: EndpointSpec, features: np.ndarray) -> Prediction:
+        return predict(features, spec.model.centroids)
+
+
+def _timing(started: float) -> dict[str, float]:
+    elapsed = round(time.monotonic() - started, 3)
+    return {"training_seconds": elapsed, "billable_seconds": elapsed}
+
+
+def _scalar_metrics(values: dict[str, object]) -> dict[str, object]:
+    """train/test msd and ssd (cluster sizes are stored on their own)."""
+    return {key: value for key, value in values.items() if not key.endswith("cluster_sizes") and value is not None}

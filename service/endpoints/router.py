@@ -1,0 +1,156 @@
+"""HTTP routes of endpoints: lifecycle, SageMaker-style invocations, friendly predictions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
+
+from schemas.common import Page, error_responses
+from schemas.endpoints import (
+    Endpoint,
+    EndpointCreate,
+    EndpointModelSwitch,
+    EndpointStatus,
+    InvocationResponse,
+    PredictionRequest,
+    PredictionResponse,
+)
+from service.deps import AppState, app_state, db_session
+from service.endpoints.invocations import CSV, JSON, JSONLINES, request_format, response_format
+from service.endpoints.service import EndpointService
+
+router = APIRouter(prefix="/endpoints", tags=["endpoints"])
+
+
+def endpoint_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> EndpointService:
+    return EndpointService(session, state.store, state.backends, state.model_cache, state.settings)
+
+
+Service = Annotated[EndpointService, Depends(endpoint_service)]
+
+
+def view(row: Any) -> Endpoint:
+    return Endpoint.model_validate(row, from_attributes=True)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Endpoint,
+    summary="Deploy a model to a new endpoint",
+    responses=error_responses(400, 404, 409, 422),
+)
+def create_endpoint(request: EndpointCreate, service: Service) -> Any:
+    """The endpoint starts `Creating`; a worker loads the model and makes it `InService`."""
+    return view(service.create(request))
+
+
+@router.get("", response_model=Page[Endpoint], summary="List endpoints", responses=error_responses(422))
+def list_endpoints(
+    service: Service,
+    status_filter: Annotated[EndpointStatus | None, Query(alias="status")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Any:
+    rows, total = service.list(offset, limit, status_filter)
+    return Page[Endpoint](items=[view(r) for r in rows], total=total, offset=offset, limit=limit)
+
+
+@router.get("/{name}", response_model=Endpoint, summary="Describe an endpoint", responses=error_responses(404, 422))
+def get_endpoint(name: str, service: Service) -> Any:
+    return view(service.get(name))
+
+
+@router.put(
+    "/{name}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Endpoint,
+    summary="Switch an endpoint to another model",
+    responses=error_responses(404, 409, 422),
+)
+def switch_model(name: str, request: EndpointModelSwitch, service: Service) -> Any:
+    """The endpoint becomes `Updating`; the current model keeps serving every request until the
+    new one is loaded, then the switch is atomic. No request fails during the switch."""
+    return view(service.switch_model(name, request.model_id))
+
+
+@router.delete(
+    "/{name}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Endpoint,
+    summary="Delete an endpoint",
+    responses=error_responses(404, 422),
+)
+def delete_endpoint(name: str, service: Service) -> Any:
+    """The endpoint becomes `Deleting`; a worker removes it (and its SageMaker resources)."""
+    return view(service.delete(name))
+
+
+_INVOCATION_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            CSV: {"schema": {"type": "string"}, "example": "13.2,236,58,21.2,-0.85\n10.0,263,48,44.5,-1.0\n"},
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["instances"],
+                    "properties": {
+                        "instances": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {"features": {"type": "array", "items": {"type": "number"}}},
+                            },
+                        }
+                    },
+                },
+                "example": {"instances": [{"features": [13.2, 236, 58, 21.2, -0.85]}]},
+            },
+            JSONLINES: {"schema": {"type": "string"}, "example": '{"features": [13.2, 236, 58, 21.2, -0.85]}\n'},
+        },
+    }
+}
+
+
+@router.post(
+    "/{name}/invocations",
+    response_model=InvocationResponse,
+    summary="SageMaker-compatible inference",
+    responses={
+        200: {
+            "content": {
+                JSONLINES: {"schema": {"type": "string"}, "example": '{"closest_cluster": 1.0, "distance_to_cluster": 3.2}\n'},
+                CSV: {"schema": {"type": "string"}, "example": "1.0,3.2\n"},
+            }
+        },
+        **error_responses(400, 404, 406, 409, 413, 415, 422),
+    },
+    openapi_extra=_INVOCATION_BODY,
+)
+async def invoke(name: str, request: Request, service: Service) -> Response:
+    """SageMaker KMeans's inference contract: send `text/csv`, `application/json` or
+    `application/jsonlines` rows of features; get `closest_cluster` and `distance_to_cluster`
+    (Euclidean) per row, as JSON (default), JSON Lines or CSV per `Accept`. A client written for
+    a SageMaker endpoint works by changing only the URL."""
+    request_kind = request_format(request.headers.get("content-type"))
+    response_kind = response_format(request.headers.get("accept"))
+    body = await request.body()
+    content = await run_in_threadpool(service.invoke, name, body, request_kind, response_kind)
+    return Response(content=content, media_type=response_kind)
+
+
+@router.post(
+    "/{name}/predictions",
+    response_model=PredictionResponse,
+    summary="Cluster assignments for rows or a dataset, labelled by key",
+    responses=error_responses(400, 404, 409, 413, 422),
+)
+def predictions(name: str, request: PredictionRequest, service: Service) -> Any:
+    """Rows (objects keyed by feature name) or a `dataset_id`; `raw: true` applies the model's
+    preprocessing first. `sort: "cluster,distance"` gives the workshop's ordering, and
+    `cluster_counts` the number of rows per cluster."""
+    return service.predictions(name, request)

@@ -1,0 +1,63 @@
+"""HTTP routes of training jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, status
+from sqlalchemy.orm import Session
+
+from schemas.common import Page, error_responses
+from schemas.jobs import JobStatus, TrainingJob, TrainingJobCreate
+from service.deps import AppState, app_state, db_session
+from service.jobs.service import JobService, job_view
+
+router = APIRouter(prefix="/training-jobs", tags=["training jobs"])
+
+
+def job_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> JobService:
+    return JobService(session, state.store, state.backends, state.settings)
+
+
+Service = Annotated[JobService, Depends(job_service)]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TrainingJob,
+    summary="Start a training job",
+    responses=error_responses(400, 404, 409, 422, 503),
+)
+def create_job(request: TrainingJobCreate, service: Service) -> Any:
+    """Queue a k-means training job (status `Pending`); a worker picks it up. The name is the
+    job's identity, as in SageMaker: reusing it is a 409."""
+    return job_view(service.create(request))
+
+
+@router.get("", response_model=Page[TrainingJob], summary="List training jobs, newest first", responses=error_responses(422))
+def list_jobs(
+    service: Service,
+    status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this status.")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Any:
+    rows, total = service.list(offset, limit, status_filter)
+    return Page[TrainingJob](items=[job_view(r) for r in rows], total=total, offset=offset, limit=limit)
+
+
+@router.get("/{name}", response_model=TrainingJob, summary="Describe a training job", responses=error_responses(404, 422))
+def get_job(name: str, service: Service) -> Any:
+    return job_view(service.get(name))
+
+
+@router.post(
+    "/{name}/stop",
+    response_model=TrainingJob,
+    summary="Stop a training job",
+    responses=error_responses(404, 409, 422),
+)
+def stop_job(name: str, service: Service) -> Any:
+    """A Pending job stops at once; a running one becomes `Stopping` and stops between
+    mini-batches (SageMaker jobs: StopTrainingJob). 409 if it already ended."""
+    return job_view(service.stop(name))

@@ -1,0 +1,212 @@
+"""Training job use cases: submit, inspect, stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from schemas.jobs import Progress, TrainingJob, TrainingJobCreate
+from service.backends import BackendRegistry
+from service.datasets.repository import DatasetRepository
+from service.db.tables import DatasetTable, TrainingJobTable
+from service.db.types import utcnow
+from service.engine import HyperparameterError, KMeansHyperparameters
+from service.errors import Conflict, InvalidInput
+from service.jobs.repository import FINAL_STATUSES, JobRepository
+from service.settings import Settings
+from service.storage import LocalArtifactStore
+
+NUMERIC_DTYPES = ("int64", "float64")
+
+
+def transition(status: str, message: str | None = None) -> dict[str, Any]:
+    return {"status": status, "start_time": utcnow().isoformat(), "end_time": None, "message": message}
+
+
+def hyperparameter_error(exc: HyperparameterError) -> InvalidInput:
+    return InvalidInput(
+        str(exc), details=[{"parameter": p.parameter, "message": p.message} for p in exc.errors]
+    )
+
+
+class JobService:
+    def __init__(
+        self, session: Session, store: LocalArtifactStore, backends: BackendRegistry, settings: Settings
+    ) -> None:
+        self.session = session
+        self.jobs = JobRepository(session)
+        self.datasets = DatasetRepository(session)
+        self.store = store
+        self.backends = backends
+        self.settings = settings
+
+    def create(self, request: TrainingJobCreate) -> TrainingJobTable:
+        if self.jobs.find(request.name) is not None:
+            raise Conflict(f"training job {request.name!r} already exists", details={"name": request.name})
+        self.backends.usable(request.backend)
+        train = self.datasets.get(request.train_dataset_id)
+        features = request.feature_columns or default_features(train)
+        self.check_features(train, features, "training")
+        test = self.datasets.get(request.test_dataset_id) if request.test_dataset_id else None
+        if test is not None:
+            self.check_features(test, features, "test")
+        hyperparameters = self._hyperparameters(request, train, test, features)
+        row = TrainingJobTable(
+            name=request.name,
+            backend=request.backend,
+            status="Pending",
+            secondary_status="Starting",
+            status_message="waiting for a worker",
+            status_transitions=[transition("Starting", "waiting for a worker")],
+            train_dataset_id=train.id,
+            test_dataset_id=test.id if test else None,
+            feature_columns=features,
+            hyperparameters=hyperparameters.to_dict(),
+            resource_config=request.resource_config.model_dump(exclude_none=True),
+            points_total=train.row_count * hyperparameters.epochs,
+            remote={},
+        )
+        try:
+            self.jobs.add(row)
+            self.session.commit()
+        except IntegrityError as exc:
+            self.session.rollback()
+            raise Conflict(f"training job {request.name!r} already exists", details={"name": request.name}) from exc
+        return row
+
+    def _hyperparameters(
+        self, request: TrainingJobCreate, train: DatasetTable, test: DatasetTable | None, features: list[str]
+    ) -> KMeansHyperparameters:
+        raw = request.hyperparameters.model_dump(exclude_none=True)
+        raw.setdefault("feature_dim", len(features))
+        try:
+            hyperparameters = KMeansHyperparameters.from_mapping(raw)
+            hyperparameters.validate_against(train.row_count, len(features))
+            if test is not None:
+                hyperparameters.validate_against(test.row_count, len(features), what="test")
+        except HyperparameterError as exc:
+            raise hyperparameter_error(exc) from exc
+        return hyperparameters
+
+    def check_features(self, dataset: DatasetTable, features: list[str], role: str) -> None:
+        """Feature columns must exist, be numeric, and hold no nulls."""
+        dtypes = {c["name"]: c["dtype"] for c in dataset.columns}
+        missing = [f for f in features if f not in dtypes]
+        if missing:
+            raise InvalidInput(
+                f"feature column(s) {', '.join(map(repr, missing))} are not in the {role} dataset {dataset.id!r}",
+                details={"missing": missing, "columns": list(dtypes)},
+            )
+        if len(set(features)) != len(features):
+            raise InvalidInput("feature columns must not repeat", details={"feature_columns": features})
+        for name in features:
+            if dtypes[name] not in NUMERIC_DTYPES or name == dataset.key_column:
+                raise InvalidInput(
+                    f"feature column {name!r} of the {role} dataset is not numeric ({dtypes[name]})",
+                    details={"column": name, "dtype": dtypes[name]},
+                )
+        nulls = null_counts(self.store.path(dataset.storage_key), features)
+        holes = {name: count for name, count in nulls.items() if count}
+        if holes:
+            raise InvalidInput(
+                f"feature columns of the {role} dataset have nulls ({holes}); derive with dropna or fillna first",
+                details={"null_counts": holes},
+            )
+
+    def get(self, name: str) -> TrainingJobTable:
+        return self.jobs.get(name)
+
+    def list(self, offset: int, limit: int, status: str | None) -> tuple[list[TrainingJobTable], int]:
+        return self.jobs.list(offset, limit, status)
+
+    def stop(self, name: str) -> TrainingJobTable:
+        """Pending jobs stop at once; running ones are asked to stop and become Stopping."""
+        job = self.jobs.get(name)
+        if job.status in FINAL_STATUSES:
+            raise Conflict(f"training job {name!r} is already {job.status}", details={"status": job.status})
+        now = utcnow()
+        stopped_now = self.session.execute(
+            update(TrainingJobTable)
+            .where(
+                TrainingJobTable.name == name,
+                TrainingJobTable.status == "Pending",
+                TrainingJobTable.lease_owner.is_(None),
+            )
+            .values(
+                status="Stopped",
+                secondary_status="Stopped",
+                status_message="stopped before it started",
+                stop_requested=True,
+                ended_at=now,
+                status_transitions=[*job.status_transitions, transition("Stopped", "stopped before it started")],
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not stopped_now:
+            self.session.execute(
+                update(TrainingJobTable)
+                .where(TrainingJobTable.name == name, TrainingJobTable.status.in_(("Pending", "InProgress", "Stopping")))
+                .values(status="Stopping", secondary_status="Stopping", stop_requested=True, next_poll_at=None)
+                .execution_options(synchronize_session=False)
+            )
+        self.session.commit()
+        self.session.refresh(job)
+        return job
+
+
+def default_features(dataset: DatasetTable) -> list[str]:
+    features = [c["name"] for c in dataset.columns if c["dtype"] in NUMERIC_DTYPES and c["name"] != dataset.key_column]
+    if not features:
+        raise InvalidInput(f"dataset {dataset.id!r} has no numeric columns to train on")
+    return features
+
+
+def null_counts(path: Any, columns: list[str]) -> dict[str, int]:
+    """Nulls per column, from the Parquet footer statistics when present."""
+    parquet = pq.ParquetFile(path)
+    schema_names = parquet.schema_arrow.names
+    counts = dict.fromkeys(columns, 0)
+    for group in range(parquet.num_row_groups):
+        metadata = parquet.metadata.row_group(group)
+        for name in columns:
+            stats = metadata.column(schema_names.index(name)).statistics
+            if stats is None or not stats.has_null_count:
+                return {name: int(parquet.read(columns=[name]).column(0).null_count) for name in columns}
+            counts[name] += int(stats.null_count)
+    return counts
+
+
+def job_view(row: TrainingJobTable) -> TrainingJob:
+    total = row.points_total or 0
+    processed = min(row.points_processed or 0, total) if total else row.points_processed or 0
+    return TrainingJob(
+        name=row.name,
+        backend=row.backend,  # type: ignore[arg-type]
+        status=row.status,  # type: ignore[arg-type]
+        secondary_status=row.secondary_status,
+        status_message=row.status_message,
+        status_transitions=row.status_transitions,  # type: ignore[arg-type]
+        failure_reason=row.failure_reason,
+        train_dataset_id=row.train_dataset_id,
+        test_dataset_id=row.test_dataset_id,
+        feature_columns=row.feature_columns,
+        hyperparameters=row.hyperparameters,
+        resource_config=row.resource_config,
+        progress=Progress(
+            points_processed=processed,
+            points_total=total,
+            percent=round(100.0 * processed / total, 2) if total else 0.0,
+        ),
+        created_at=row.created_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        training_seconds=row.training_seconds,
+        billable_seconds=row.billable_seconds,
+        attempts=row.attempts,
+        model_id=row.model_id,
+        remote=row.remote,
+    )

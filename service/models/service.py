@@ -1,0 +1,254 @@
+"""Model use cases: register a trained model, import a SageMaker artifact, read, delete."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from schemas.models import Assignments, Centroids, Model, OriginalUnits
+from service.backends.base import ServedModel, TrainedModel
+from service.datasets.parsing import check_column_names
+from service.datasets.repository import DatasetRepository
+from service.datasets.transforms import Table, column_lineage, require_numeric, unscale_column
+from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
+from service.engine import ModelFormatError, Prediction, predict, read_model_tar
+from service.errors import Conflict, InvalidInput
+from service.ids import new_id
+from service.models.repository import ModelRepository
+from service.storage import LocalArtifactStore
+
+MODEL_PREFIX = "models"
+PREDICT_BATCH_ROWS = 65_536
+
+
+def artifact_key(model_id: str) -> str:
+    return f"{MODEL_PREFIX}/{model_id}.tar.gz"
+
+
+class ModelService:
+    def __init__(self, session: Session, store: LocalArtifactStore) -> None:
+        self.session = session
+        self.models = ModelRepository(session)
+        self.datasets = DatasetRepository(session)
+        self.store = store
+
+    def register_trained(
+        self, job: TrainingJobTable, trained: TrainedModel, worker_id: str, job_values: dict[str, Any]
+    ) -> ModelTable | None:
+        """Store the artifact and the model row, and complete the job, all or nothing.
+
+        ``job_values`` are written to the job only while ``worker_id`` still holds its lease; if
+        the worker lost the lease, nothing is registered (the job's new owner will do it).
+        """
+        dataset = self.datasets.get(job.train_dataset_id)
+        model_id = new_id("mdl")
+        key = artifact_key(model_id)
+        with self.store.staged(key) as staged:
+            staged.path.write_bytes(trained.artifact)
+            row = ModelTable(
+                id=model_id,
+                name=job.name,
+                source="training",
+                training_job_name=job.name,
+                train_dataset_id=dataset.id,
+                key_column=dataset.key_column,
+                feature_names=list(job.feature_columns),
+                k=int(trained.centroids.shape[0]),
+                feature_dim=int(trained.centroids.shape[1]),
+                centroids=np.asarray(trained.centroids, dtype=np.float64).tolist(),
+                hyperparameters=job.hyperparameters,
+                recipe=dataset.recipe,
+                metrics=trained.metrics,
+                cluster_sizes=trained.cluster_sizes,
+                engine_version=trained.engine_version,
+                seed=trained.seed,
+                artifact_key=key,
+                artifact_sha256=hashlib.sha256(trained.artifact).hexdigest(),
+                artifact_size=len(trained.artifact),
+            )
+            self.models.add(row)
+            owned = self.session.execute(
+                update(TrainingJobTable)
+                .where(TrainingJobTable.name == job.name, TrainingJobTable.lease_owner == worker_id)
+                .values(**job_values, model_id=model_id)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not owned:
+                self.session.rollback()
+                return None
+            staged.publish()
+            self.session.commit()
+        return row
+
+    def import_artifact(self, name: str, data: bytes, feature_names: list[str], key_column: str | None) -> ModelTable:
+        """A SageMaker KMeans model.tar.gz becomes a model that can be deployed locally."""
+        try:
+            centroids = read_model_tar(data)
+        except ModelFormatError as exc:
+            raise InvalidInput(f"not a usable SageMaker KMeans model.tar.gz: {exc}") from exc
+        check_column_names(feature_names)
+        if len(feature_names) != centroids.shape[1]:
+            raise InvalidInput(
+                f"the model has {centroids.shape[1]} features but {len(feature_names)} feature names were given",
+                details={"feature_dim": int(centroids.shape[1]), "feature_names": feature_names},
+            )
+        if not np.all(np.isfinite(centroids)):
+            raise InvalidInput("the model's centroids contain NaN or infinity")
+        model_id = new_id("mdl")
+        key = artifact_key(model_id)
+        with self.store.staged(key) as staged:
+            staged.path.write_bytes(data)
+            row = ModelTable(
+                id=model_id,
+                name=name,
+                source="import",
+                key_column=key_column,
+                feature_names=feature_names,
+                k=int(centroids.shape[0]),
+                feature_dim=int(centroids.shape[1]),
+                centroids=centroids.astype(np.float64).tolist(),
+                hyperparameters={"k": int(centroids.shape[0]), "feature_dim": int(centroids.shape[1])},
+                metrics={},
+                artifact_key=key,
+                artifact_sha256=hashlib.sha256(data).hexdigest(),
+                artifact_size=len(data),
+            )
+            self.models.add(row)
+            staged.publish()
+            self.session.commit()
+        return row
+
+    def get(self, model_id: str) -> ModelTable:
+        return self.models.get(model_id)
+
+    def list(self, offset: int, limit: int, name: str | None) -> tuple[list[ModelTable], int]:
+        return self.models.list(offset, limit, name)
+
+    def delete(self, model_id: str) -> None:
+        row = self.models.get(model_id)
+        endpoints = self.models.deployed_on(model_id)
+        if endpoints:
+            raise Conflict(
+                f"model {model_id!r} is deployed on endpoint(s) {', '.join(endpoints)}; delete or switch them first",
+                details={"endpoints": endpoints},
+            )
+        key = row.artifact_key
+        self.session.execute(
+            update(TrainingJobTable).where(TrainingJobTable.model_id == model_id).values(model_id=None)
+        )
+        self.models.delete(row)
+        self.session.commit()
+        self.store.delete(key)
+
+    def artifact_path(self, row: ModelTable) -> Any:
+        return self.store.path(row.artifact_key)
+
+    def served(self, row: ModelTable) -> ServedModel:
+        return served_model(row, self.store)
+
+    def centroids(self, row: ModelTable) -> Centroids:
+        scaled = np.asarray(row.centroids, dtype=np.float64)
+        return Centroids(
+            model_id=row.id,
+            feature_names=row.feature_names,
+            centroids=scaled.tolist(),
+            original_units=original_units(row.recipe, row.feature_names, scaled),
+        )
+
+    def assignments(self, row: ModelTable, dataset_id: str | None, cluster: int | None) -> Assignments:
+        if cluster is not None and not 0 <= cluster < row.k:
+            raise InvalidInput(f"cluster must be between 0 and {row.k - 1}", details={"k": row.k})
+        dataset_id = dataset_id or row.train_dataset_id
+        if dataset_id is None:
+            raise InvalidInput(f"model {row.id!r} was imported and has no training dataset; pass dataset_id")
+        dataset = self.datasets.get(dataset_id)
+        clusters: dict[str, int] = {}
+        distances: dict[str, float] = {}
+        for keys, prediction in predict_dataset(self.store, dataset, row.feature_names, np.asarray(row.centroids)):
+            for key, label, distance in zip(keys, prediction.closest_cluster, prediction.distance_to_cluster, strict=True):
+                if cluster is None or label == cluster:
+                    clusters[key] = int(label)
+                    distances[key] = float(distance)
+        counts = pd.Series(list(clusters.values()), dtype="int64").value_counts().sort_index()
+        return Assignments(
+            model_id=row.id,
+            dataset_id=dataset.id,
+            key_column=dataset.key_column,
+            clusters=clusters,
+            distances=distances,
+            counts={str(label): int(count) for label, count in counts.items()},
+        )
+
+
+def sweep_orphan_artifacts(session: Session, store: LocalArtifactStore, grace_seconds: float) -> list[str]:
+    """Remove model artifacts no row names (a crash between writing and committing)."""
+    return store.sweep_orphans(MODEL_PREFIX, ModelRepository(session).artifact_keys(), grace_seconds)
+
+
+def served_model(row: ModelTable, store: LocalArtifactStore) -> ServedModel:
+    key = row.artifact_key
+    return ServedModel(
+        model_id=row.id,
+        centroids=np.asarray(row.centroids, dtype=np.float64),
+        feature_names=list(row.feature_names),
+        artifact=lambda: store.read_bytes(key),
+    )
+
+
+def original_units(recipe: dict[str, Any] | None, features: list[str], scaled: np.ndarray) -> OriginalUnits | None:
+    """Undo the training recipe's scalings on each centroid coordinate, when the recipe says how."""
+    if recipe is None:
+        return None
+    lineage = column_lineage(recipe)
+    if not all(name in lineage for name in features):
+        return None
+    columns = [unscale_column(scaled[:, i], lineage[name]) for i, name in enumerate(features)]
+    return OriginalUnits(
+        feature_names=[lineage[name].raw_name for name in features],
+        centroids=np.column_stack(columns).tolist(),
+    )
+
+
+def predict_dataset(
+    store: LocalArtifactStore, dataset: DatasetTable, features: list[str], centroids: np.ndarray
+) -> Iterator[tuple[list[str], Prediction]]:
+    """Predict every row of a dataset, one Parquet batch at a time; yields (keys, prediction)."""
+    dtypes = {c["name"]: c["dtype"] for c in dataset.columns}
+    missing = [name for name in features if name not in dtypes]
+    if missing:
+        raise InvalidInput(
+            f"dataset {dataset.id!r} lacks the model's feature column(s) {', '.join(map(repr, missing))}",
+            details={"missing": missing},
+        )
+    columns = [*features, dataset.key_column] if dataset.key_column else features
+    parquet = pq.ParquetFile(store.path(dataset.storage_key))
+    offset = 0
+    for batch in parquet.iter_batches(batch_size=PREDICT_BATCH_ROWS, columns=columns):
+        frame = batch.to_pandas()
+        matrix = frame_matrix(frame, features, f"dataset {dataset.id!r}")
+        keys = frame[dataset.key_column].astype(str).tolist() if dataset.key_column else [
+            str(offset + i) for i in range(len(frame))
+        ]
+        offset += len(frame)
+        yield keys, predict(matrix, centroids)
+
+
+def frame_matrix(frame: pd.DataFrame, features: list[str], what: str) -> np.ndarray:
+    """The float64 feature matrix of a frame, refusing non-numeric, null or non-finite cells."""
+    require_numeric(Table(frame, None), features, what)
+    matrix = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(matrix)
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        raise InvalidInput(
+            f"{what}: row {row} column {features[column]!r} is missing or not a finite number",
+            details={"row": row, "column": features[column]},
+        )
+    return matrix

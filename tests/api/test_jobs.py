@@ -1,0 +1,133 @@
+"""Training jobs over HTTP: submission, validation, lifecycle, stop."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.helpers import BLOBS_CSV, assert_error, run_worker_until_idle, start_job, upload_csv
+
+
+@pytest.fixture
+def blobs(client: TestClient) -> dict:  # type: ignore[type-arg]
+    return upload_csv(client, "blobs", BLOBS_CSV, "id")
+
+
+def test_submit_returns_202_pending_with_resolved_hyperparameters(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    job = start_job(client, "j1", blobs["id"], hyperparameters={"k": "3", "mini_batch_size": "20", "seed": 5})
+    assert job["status"] == "Pending" and job["secondary_status"] == "Starting"
+    assert job["feature_columns"] == ["x", "y"]
+    assert job["hyperparameters"]["k"] == 3 and job["hyperparameters"]["feature_dim"] == 2
+    assert job["hyperparameters"]["extra_center_factor"] == "auto"
+    assert job["progress"] == {"points_processed": 0, "points_total": 60, "percent": 0.0}
+    assert job["backend"] == "local" and job["model_id"] is None
+
+
+def test_a_job_runs_to_completion_and_registers_a_model(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    start_job(client, "j1", blobs["id"], hyperparameters={"k": 3, "epochs": 2, "mini_batch_size": 7, "seed": 3})
+    run_worker_until_idle(client.app)
+    job = client.get("/training-jobs/j1").json()
+    assert job["status"] == "Completed" and job["secondary_status"] == "Completed"
+    assert job["progress"] == {"points_processed": 120, "points_total": 120, "percent": 100.0}
+    assert job["started_at"] <= job["ended_at"]
+    assert job["training_seconds"] >= 0 and job["billable_seconds"] == job["training_seconds"]
+    assert [t["status"] for t in job["status_transitions"]] == ["Starting", "Training", "Completed"]
+    assert all(t["end_time"] for t in job["status_transitions"])
+    assert job["attempts"] == 1
+    model = client.get(f"/models/{job['model_id']}").json()
+    assert model["training_job_name"] == "j1" and model["k"] == 3 and model["feature_names"] == ["x", "y"]
+    assert sorted(model["cluster_sizes"]) == [20, 20, 20]
+    assert model["metrics"]["train_msd"] < 0.5  # blobs 10 apart, each about 0.4 wide
+
+
+def test_test_dataset_gives_test_metrics(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    test = upload_csv(client, "test", b"id,x,y\nt1,0,0\nt2,10,0\nt3,0,10\n", "id")
+    start_job(client, "j1", blobs["id"], test_dataset_id=test["id"])
+    run_worker_until_idle(client.app)
+    model_id = client.get("/training-jobs/j1").json()["model_id"]
+    metrics = client.get(f"/models/{model_id}").json()["metrics"]
+    assert set(metrics) == {"train_msd", "train_ssd", "test_msd", "test_ssd"}
+    assert metrics["test_ssd"] == pytest.approx(3 * metrics["test_msd"])
+
+
+def test_list_filters_by_status_and_paginates(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    for i in range(3):
+        start_job(client, f"j{i}", blobs["id"])
+    client.post("/training-jobs/j0/stop")
+    page = client.get("/training-jobs", params={"status": "Pending"}).json()
+    assert page["total"] == 2 and {j["name"] for j in page["items"]} == {"j1", "j2"}
+    assert client.get("/training-jobs", params={"limit": 1, "offset": 2}).json()["items"][0]["name"] == "j0"
+    assert_error(client.get("/training-jobs", params={"status": "Bogus"}), 422, "validation_error")
+
+
+def test_duplicate_name_is_409(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    start_job(client, "same", blobs["id"])
+    assert_error(client.post("/training-jobs", json={"name": "same", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 2}}), 409, "conflict", "already exists")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "fragment"),
+    [
+        ({"feature_columns": ["x", "nope"]}, 400, "invalid_input", "'nope' are not in the training dataset"),
+        ({"feature_columns": ["x", "label"]}, 400, "invalid_input", "'label' of the training dataset is not numeric"),
+        ({"feature_columns": ["id"]}, 400, "invalid_input", "not numeric"),
+        ({"feature_columns": ["x", "x"]}, 400, "invalid_input", "must not repeat"),
+        ({"hyperparameters": {"k": 61}}, 400, "invalid_input", "k: must be <= the number of training rows (60)"),
+        ({"hyperparameters": {"k": 1}}, 400, "invalid_input", "k:"),
+        ({"hyperparameters": {"k": 3, "feature_dim": 4}}, 400, "invalid_input", "feature_dim"),
+        ({"hyperparameters": {"k": 3, "init_method": "best"}}, 400, "invalid_input", "init_method"),
+        ({"hyperparameters": {"k": 3, "local_lloyd_tol": 2}}, 400, "invalid_input", "local_lloyd_tol"),
+        ({"hyperparameters": {"k": 3, "eval_metrics": ["rmse"]}}, 400, "invalid_input", "eval_metrics"),
+        ({"hyperparameters": {"k": 3, "bogus": 1}}, 400, "invalid_input", "bogus: unknown hyperparameter"),
+        ({"hyperparameters": {}}, 422, "validation_error", ""),
+        ({"backend": "sagemaker"}, 400, "invalid_input", "backend 'sagemaker'"),
+        ({"backend": "azure"}, 422, "validation_error", ""),
+        ({"name": "bad name!"}, 422, "validation_error", ""),
+        ({"train_dataset_id": "ds-nope"}, 404, "not_found", "ds-nope"),
+        ({"test_dataset_id": "ds-nope"}, 404, "not_found", "ds-nope"),
+    ],
+)
+def test_bad_submissions_create_nothing(client: TestClient, blobs: dict, body: dict, status: int, code: str, fragment: str) -> None:  # type: ignore[type-arg]
+    request = {"name": "bad", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 3}, **body}
+    assert_error(client.post("/training-jobs", json=request), status, code, fragment)
+    assert client.get("/training-jobs").json()["total"] == 0
+
+
+def test_hyperparameter_errors_list_every_problem(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    request = {"name": "bad", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 3, "epochs": 0, "mini_batch_size": "x"}}
+    error = assert_error(client.post("/training-jobs", json=request), 400, "invalid_input")
+    assert {d["parameter"] for d in error["details"]} == {"epochs", "mini_batch_size"}
+
+
+def test_features_with_nulls_are_refused(client: TestClient) -> None:
+    holes = upload_csv(client, "holes", b"id,x\na,1\nb,\nc,3\n", "id")
+    assert_error(
+        client.post("/training-jobs", json={"name": "j", "train_dataset_id": holes["id"], "hyperparameters": {"k": 2}}),
+        400, "invalid_input", "nulls",
+    )
+
+
+def test_test_set_must_have_the_features(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    other = upload_csv(client, "other", b"id,z\na,1\n", "id")
+    assert_error(
+        client.post("/training-jobs", json={"name": "j", "train_dataset_id": blobs["id"], "test_dataset_id": other["id"], "hyperparameters": {"k": 2}}),
+        400, "invalid_input", "not in the test dataset",
+    )
+
+
+def test_stop_a_pending_job_at_once(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    start_job(client, "j", blobs["id"])
+    stopped = client.post("/training-jobs/j/stop").json()
+    assert stopped["status"] == "Stopped" and stopped["ended_at"]
+    run_worker_until_idle(client.app)
+    assert client.get("/training-jobs/j").json()["model_id"] is None
+    assert_error(client.post("/training-jobs/j/stop"), 409, "conflict", "already Stopped")
+    assert_error(client.post("/training-jobs/nope/stop"), 404, "not_found")
+    assert_error(client.get("/training-jobs/nope"), 404, "not_found")
+
+
+def test_datasets_used_by_jobs_and_models_cannot_be_deleted(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    start_job(client, "j", blobs["id"])
+    error = assert_error(client.delete(f"/datasets/{blobs['id']}"), 409, "conflict", "training job 'j'")
+    assert error["details"]["used_by"]
+    assert client.get(f"/datasets/{blobs['id']}").status_code == 200

@@ -1,0 +1,141 @@
+"""Models: registration, centroids in both units, artifacts, import, assignments, deletion."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.engine import read_model_tar, write_model_tar
+from tests.helpers import (
+    BLOBS_CSV,
+    assert_error,
+    deployed,
+    run_worker_until_idle,
+    trained_model,
+    upload_csv,
+    workshop_dataset,
+)
+
+SAGEMAKER_ARTIFACT = Path(__file__).resolve().parent.parent / "data" / "kmeans-k10-d2-model.tar.gz"
+
+
+def import_model(client: TestClient, data: bytes, feature_names: str, name: str = "imported", expect: int = 201) -> dict:  # type: ignore[type-arg]
+    response = client.post(
+        "/models/import",
+        files={"file": ("model.tar.gz", data, "application/gzip")},
+        data={"name": name, "feature_names": feature_names},
+    )
+    assert response.status_code == expect, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_model_records_what_it_was_trained_with(client: TestClient, sample_csv: dict[str, bytes]) -> None:
+    workshop = workshop_dataset(client, sample_csv["crimes"], sample_csv["densities"])
+    model = trained_model(client, workshop["id"], hyperparameters={"k": 10, "seed": 11})
+    assert model["source"] == "training" and model["train_dataset_id"] == workshop["id"]
+    assert model["key_column"] == "State" and model["k"] == 10 and model["feature_dim"] == 5
+    assert model["hyperparameters"]["seed"] == 11 and model["seed"] == 11
+    assert model["engine_version"] and model["recipe"] == workshop["recipe"]
+    assert sum(model["cluster_sizes"]) == 50
+    listed = client.get("/models").json()
+    assert listed["total"] == 1 and listed["items"][0]["id"] == model["id"]
+
+
+def test_centroids_in_scaled_and_original_units(client: TestClient, sample_csv: dict[str, bytes]) -> None:
+    workshop = workshop_dataset(client, sample_csv["crimes"], sample_csv["densities"])
+    model = trained_model(client, workshop["id"], hyperparameters={"k": 10, "seed": 11})
+    body = client.get(f"/models/{model['id']}/centroids").json()
+    scaled = np.array(body["centroids"])
+    original = body["original_units"]
+    assert original["feature_names"] == ["Murder", "Assault", "UrbanPop", "Rape", "DensityPerMile"]
+    back = np.array(original["centroids"])
+    np.testing.assert_allclose(back[:, :4], scaled[:, :4])
+    np.testing.assert_allclose(back[:, 4], 0.6 + (scaled[:, 4] + 1) * (975.0 - 0.6) / 2)
+
+
+def test_artifact_is_sagemaker_format_with_the_centroids(client: TestClient) -> None:
+    blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
+    model = trained_model(client, blobs["id"])
+    response = client.get(f"/models/{model['id']}/artifact")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        assert archive.getnames() == ["model_algo-1"]
+    centroids = read_model_tar(response.content)
+    assert centroids.dtype == np.float32
+    np.testing.assert_allclose(centroids, client.get(f"/models/{model['id']}/centroids").json()["centroids"])
+    assert len(response.content) == model["artifact_size"]
+
+
+def test_import_a_real_sagemaker_artifact_and_serve_it_locally(client: TestClient) -> None:
+    data = SAGEMAKER_ARTIFACT.read_bytes()
+    model = import_model(client, data, "f1,f2", name="from-sagemaker")
+    assert model["source"] == "import" and model["k"] == 10 and model["feature_dim"] == 2
+    assert model["recipe"] is None and model["train_dataset_id"] is None
+    expected = read_model_tar(data)
+    np.testing.assert_allclose(client.get(f"/models/{model['id']}/centroids").json()["centroids"], expected)
+    assert client.get(f"/models/{model['id']}/artifact").content == data
+    deployed(client, model["id"], "imported")
+    rows = "\n".join(",".join(str(v) for v in row) for row in expected[:3]) + "\n"
+    result = client.post("/endpoints/imported/invocations", content=rows, headers={"content-type": "text/csv"}).json()
+    assert [p["closest_cluster"] for p in result["predictions"]] == [0.0, 1.0, 2.0]
+    assert all(p["distance_to_cluster"] == pytest.approx(0, abs=1e-4) for p in result["predictions"])
+
+
+def test_import_accepts_json_feature_names(client: TestClient) -> None:
+    model = import_model(client, write_model_tar(np.eye(3, dtype=np.float32)), '["a", "b", "c"]')
+    assert model["feature_names"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("data", "names", "fragment"),
+    [
+        (b"not a tarball", "a,b", "not a usable SageMaker KMeans model.tar.gz"),
+        (SAGEMAKER_ARTIFACT.read_bytes()[:200], "a,b", "not a usable"),
+        (SAGEMAKER_ARTIFACT.read_bytes(), "a,b,c", "2 features but 3 feature names"),
+        (SAGEMAKER_ARTIFACT.read_bytes(), "a,a", "duplicate column names"),
+    ],
+)
+def test_bad_imports_are_refused(client: TestClient, data: bytes, names: str, fragment: str) -> None:
+    response = client.post("/models/import", files={"file": ("m.tar.gz", data)}, data={"name": "x", "feature_names": names})
+    assert_error(response, 400, "invalid_input", fragment)
+    assert client.get("/models").json()["total"] == 0
+
+
+def test_import_needs_multipart_with_fields(client: TestClient) -> None:
+    assert_error(client.post("/models/import", json={"name": "x"}), 415, "unsupported_media_type")
+    assert_error(client.post("/models/import", files={"file": ("m", b"x")}, data={"name": "x"}), 422, "validation_error")
+
+
+def test_assignments_map_keys_to_clusters(client: TestClient) -> None:
+    blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
+    model = trained_model(client, blobs["id"])
+    everything = client.get(f"/models/{model['id']}/assignments").json()
+    assert len(everything["clusters"]) == 60 and everything["key_column"] == "id"
+    assert everything["clusters"]["a0"] == everything["clusters"]["a19"] != everything["clusters"]["b0"]
+    assert sorted(everything["counts"].values()) == [20, 20, 20]
+    cluster = everything["clusters"]["c3"]
+    only = client.get(f"/models/{model['id']}/assignments", params={"cluster": cluster}).json()
+    assert set(only["clusters"]) == {f"c{i}" for i in range(20)}
+    assert only["counts"] == {str(cluster): 20}
+    assert all(d < 1 for d in only["distances"].values())
+    assert_error(client.get(f"/models/{model['id']}/assignments", params={"cluster": 3}), 400, "invalid_input", "between 0 and 2")
+
+
+def test_delete_is_refused_while_deployed(client: TestClient) -> None:
+    blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
+    model = trained_model(client, blobs["id"])
+    deployed(client, model["id"])
+    error = assert_error(client.delete(f"/models/{model['id']}"), 409, "conflict", "deployed")
+    assert error["details"]["endpoints"] == ["ep"]
+    assert_error(client.delete(f"/datasets/{blobs['id']}"), 409, "conflict", "model")
+    assert client.delete("/endpoints/ep").status_code == 202
+    run_worker_until_idle(client.app)
+    assert client.delete(f"/models/{model['id']}").status_code == 204
+    assert_error(client.get(f"/models/{model['id']}"), 404, "not_found")
+    assert client.get("/training-jobs/job").json()["model_id"] is None
+    assert_error(client.get(f"/models/{model['id']}/artifact"), 404, "not_found")
