@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.backends.base import Backend, BackendNotConfigured
 from service.backends.local import LocalBackend
+from service.backends.sagemaker import SageMakerBackend
 from service.errors import InvalidInput
 from service.settings import Settings
 
@@ -34,4 +35,5 @@ class BackendRegistry:
 
 
 def build_backends(settings: Settings) -> BackendRegistry:
-    return BackendRegistry([LocalBackend()])
+    """Every backend is listed; ``ensure_configured`` decides whether jobs and endpoints may use it."""
+    return BackendRegistry([LocalBackend(), SageMakerBackend(settings)])
