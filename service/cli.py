@@ -16,6 +16,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     if args.no_worker:
         settings = settings.model_copy(update={"embedded_worker": False})
+    if not settings.api_keys and not _is_loopback(args.host):
+        print(
+            f"refusing to listen on {args.host} with no API keys configured: anyone could use the API. "
+            "Set CENTROID_API_KEYS (see `centroid keys create`) or listen on 127.0.0.1.",
+            file=sys.stderr,
+        )
+        return 2
     uvicorn.run(
         create_app(settings),
         host=args.host,
@@ -24,6 +31,30 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=30,
     )
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    import json
+
+    from service.auth import generate_key, hash_key
+
+    key = generate_key()
+    entry = {"name": args.name, "scope": args.scope, "sha256": hash_key(key)}
+    print(f"API key (give it to the client; it is not stored anywhere): {key}")
+    print("Add this entry to the JSON list in CENTROID_API_KEYS:")
+    print(json.dumps(entry))
     return 0
 
 
@@ -79,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a background worker (claims jobs, polls SageMaker)")
     worker.set_defaults(handler=_worker)
+
+    keys = commands.add_parser("keys", help="API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", help="generate a key and print its CENTROID_API_KEYS entry")
+    create.add_argument("--name", required=True, help="who or what will use the key")
+    create.add_argument("--scope", choices=["read", "admin"], default="read", help="read (default) or admin")
+    create.set_defaults(handler=_keys_create)
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

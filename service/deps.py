@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service.backends import BackendRegistry
 from service.db.session import Database
 from service.endpoints.cache import ModelCache
+from service.metrics import Metrics
 from service.settings import Settings
 from service.storage import LocalArtifactStore
+
+log = logging.getLogger("centroid.db")
 
 
 @dataclass
@@ -24,6 +29,7 @@ class AppState:
     store: LocalArtifactStore
     backends: BackendRegistry
     model_cache: ModelCache
+    metrics: Metrics
 
 
 def app_state(request: Request) -> AppState:
@@ -36,5 +42,11 @@ def db_session(state: AppState = Depends(app_state)) -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.rollback()
+        try:
+            session.rollback()
+        except SQLAlchemyError:
+            # The connection died (database restarted or unreachable): nothing uncommitted survives
+            # that anyway. Raising here, after the response has started, would reset the client's
+            # connection instead of delivering the response (or the handler's 503).
+            log.warning("rollback at the end of a request failed; the database connection is gone")
         session.close()

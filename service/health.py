@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,3 +35,20 @@ def readyz(state: AppState = Depends(app_state)) -> JSONResponse:
     healthy = all(value == "ok" for value in checks.values())
     body = HealthStatus(status="ok" if healthy else "unavailable", checks=checks)
     return JSONResponse(status_code=200 if healthy else 503, content=body.model_dump())
+
+
+class PrometheusResponse(Response):
+    media_type = "text/plain"
+
+
+@router.get(
+    "/metrics",
+    response_class=PrometheusResponse,
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(state: AppState = Depends(app_state)) -> Response:
+    """Requests and latency by route and status, invocations and rows predicted, jobs and
+    endpoints by status, training durations, worker heartbeat and last-poll ages."""
+    body = await run_in_threadpool(state.metrics.render)
+    return Response(content=body, media_type=state.metrics.content_type)
