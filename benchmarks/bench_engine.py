@@ -97,9 +97,7 @@ def contenders(k: int, d: int, seed: int) -> dict[str, Callable[[np.ndarray], np
             .fit(X)
             .cluster_centers_
         ),
-        "MiniBatchKMeans": lambda X: (
-            MiniBatchKMeans(n_clusters=k, random_state=seed).fit(X).cluster_centers_
-        ),
+        "MiniBatchKMeans": lambda X: MiniBatchKMeans(n_clusters=k, random_state=seed).fit(X).cluster_centers_,
         "ours": lambda X: WebScaleKMeans(hp).fit(X).cluster_centers_,
     }
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+MAX_OFFSET = 2**31 - 1
+
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip.")]
+LimitQuery = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 
 
 class ErrorDetail(BaseModel):
@@ -68,6 +73,4 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
         503: "Database or artifact store unavailable",
         507: "No space left in the artifact store",
     }
-    return {
-        code: {"model": ErrorResponse, "description": descriptions.get(code, "Error")} for code in status_codes
-    }
+    return {code: {"model": ErrorResponse, "description": descriptions.get(code, "Error")} for code in status_codes}

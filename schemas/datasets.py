@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,9 @@ def _no_control_chars(value: str) -> str:
     if not value.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise ValueError("must be non-blank and contain no control characters")
     return value
+
+
+no_control_chars = _no_control_chars  # the multipart forms (CSV upload, model import) check names the same way
 
 
 class ColumnInfo(BaseModel):
@@ -171,8 +175,17 @@ class FillNaStep(BaseModel):
     columns: list[ColumnName] | None = Field(default=None, description="Default: every column with nulls.")
     strategy: Literal["mean", "constant"] = Field(default="mean")
     value: StrictFloat | StrictInt | StrictStr | None = Field(
-        default=None, description="The constant for `strategy: constant`.", examples=[0]
+        default=None, description="The constant for `strategy: constant` (a finite number or text).", examples=[0]
     )
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, value: float | int | str | None) -> float | int | str | None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number (NaN and infinities would poison every distance)")
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
 
 DeriveStep = Annotated[

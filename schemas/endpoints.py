@@ -21,7 +21,9 @@ class EndpointCreate(BaseModel):
     name: ResourceName
     model_id: str = Field(min_length=1, max_length=40, description="The model to serve.")
     backend: BackendName = Field(default="local", description="`local` (in-process) or `sagemaker`.")
-    instance_type: str | None = Field(default=None, description="SageMaker only; default from settings.", examples=["ml.m4.xlarge"])
+    instance_type: str | None = Field(
+        default=None, description="SageMaker only; default from settings.", examples=["ml.m4.xlarge"]
+    )
     instance_count: int | None = Field(default=None, ge=1, le=100, description="SageMaker only.")
 
 
@@ -57,7 +59,14 @@ class PredictionRequest(BaseModel):
             "examples": [
                 {
                     "rows": [
-                        {"State": "Alabama", "Murder": 13.2, "Assault": 236, "UrbanPop": 58, "Rape": 21.2, "DensityPerMile": 71.3}
+                        {
+                            "State": "Alabama",
+                            "Murder": 13.2,
+                            "Assault": 236,
+                            "UrbanPop": 58,
+                            "Rape": 21.2,
+                            "DensityPerMile": 71.3,
+                        }
                     ],
                     "raw": True,
                 },
@@ -69,7 +78,9 @@ class PredictionRequest(BaseModel):
     rows: list[dict[str, Cell]] | None = Field(
         default=None, min_length=1, description="Rows as objects; the model's key column, if present, labels each row."
     )
-    dataset_id: str | None = Field(default=None, max_length=40, description="Predict every row of this dataset instead.")
+    dataset_id: str | None = Field(
+        default=None, max_length=40, description="Predict every row of this dataset instead."
+    )
     raw: bool = Field(
         default=False,
         description="Rows are in original units: apply the model's preprocessing recipe (scaling, fills) first.",
@@ -97,7 +108,9 @@ class PredictionRequest(BaseModel):
 class RowPrediction(BaseModel):
     key: str = Field(description="The row's key (e.g. the state), or its position.", examples=["Alabama"])
     closest_cluster: int = Field(examples=[3])
-    distance_to_cluster: float = Field(description="Euclidean (not squared) distance to that centroid.", examples=[12.7])
+    distance_to_cluster: float = Field(
+        description="Euclidean (not squared) distance to that centroid.", examples=[12.7]
+    )
     distances: list[float] | None = Field(default=None, description="Distance to every centroid, if asked for.")
 
 

@@ -15,12 +15,15 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.engine.errors import EngineInputError
 from service.request_context import current_request_id
 
 log = logging.getLogger("centroid.errors")
+RETRY_AFTER_SECONDS = 5
 
 
 class AppError(Exception):
@@ -120,13 +123,13 @@ def storage_error(exc: OSError, what: str) -> AppError:
     return ServiceUnavailable(f"the artifact store failed while writing {what}: {exc.strerror or exc}")
 
 
-def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+def error_body(code: str, message: str, details: Any = None, request_id: str | None = None) -> dict[str, Any]:
     return {
         "error": {
             "code": code,
             "message": message,
             "details": jsonable_encoder(details),
-            "request_id": current_request_id(),
+            "request_id": request_id or current_request_id(),
         }
     }
 
@@ -148,10 +151,14 @@ def _as_app_error(exc: Exception) -> AppError:
             error.status_code = exc.status_code
             error.code = "http_error"
         return error
-    if isinstance(exc, OperationalError) or (
+    if isinstance(exc, EngineInputError):  # data the engine cannot use, e.g. values whose squares overflow
+        return InvalidInput(str(exc))
+    if isinstance(exc, DataError):  # e.g. PostgreSQL refusing a NUL character in a name or path parameter
+        return InvalidInput("the request holds a value the database cannot store or compare (e.g. a NUL character)")
+    if isinstance(exc, OperationalError | PoolTimeoutError) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     ):
-        return ServiceUnavailable("the database is unavailable; retry shortly")
+        return ServiceUnavailable("the database is unavailable or busy; retry shortly")
     return AppError("internal server error")
 
 
@@ -160,14 +167,28 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     error = _as_app_error(exc)
     if error.status_code >= 500:
         log.error("request failed: %s", error.message, exc_info=exc if error is not exc else None)
-    headers = getattr(exc, "headers", None) or {}
+    headers = dict(getattr(exc, "headers", None) or {})
+    # Unhandled errors are answered outside the request-id middleware: take the id from the scope.
+    request_id = current_request_id() or request.scope.get("state", {}).get("request_id")
+    if request_id and not current_request_id():
+        headers["x-request-id"] = request_id
+    if error.status_code == 503:
+        headers.setdefault("retry-after", str(RETRY_AFTER_SECONDS))
     return JSONResponse(
         status_code=error.status_code,
-        content=error_body(error.code, error.message, error.details),
+        content=error_body(error.code, error.message, error.details, request_id),
         headers=headers,
     )
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for exc_type in (AppError, RequestValidationError, StarletteHTTPException, DBAPIError, Exception):
+    for exc_type in (
+        AppError,
+        RequestValidationError,
+        StarletteHTTPException,
+        DBAPIError,
+        PoolTimeoutError,
+        EngineInputError,
+        Exception,
+    ):
         app.add_exception_handler(exc_type, handle_error)

@@ -26,9 +26,7 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id()
         if request_id:
             payload["request_id"] = request_id
-        payload.update(
-            {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
-        )
+        payload.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")})
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)

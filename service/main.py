@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import health
+from service.auth import ApiKeyMiddleware, Authenticator
 from service.backends import build_backends
 from service.backends import router as backends_router
 from service.datasets import router as datasets_router
@@ -21,9 +22,11 @@ from service.endpoints.cache import ModelCache
 from service.errors import install_error_handlers
 from service.jobs import router as jobs_router
 from service.logging_setup import configure_logging
-from service.middleware import BodySizeLimitMiddleware, RequestLogMiddleware
+from service.metrics import Metrics
+from service.middleware import BodySizeLimitMiddleware, ContentEncodingMiddleware, RequestLogMiddleware
 from service.models import router as models_router
 from service.models.service import sweep_orphan_artifacts
+from service.openapi import build_openapi
 from service.settings import Settings, get_settings
 from service.storage import LocalArtifactStore
 from workers.worker import EmbeddedWorker
@@ -40,12 +43,14 @@ Every error has the body `{"error": {"code", "message", "details", "request_id"}
 
 
 def build_state(settings: Settings) -> AppState:
+    database = Database(settings.resolved_database_url)
     return AppState(
         settings=settings,
-        database=Database(settings.resolved_database_url),
+        database=database,
         store=LocalArtifactStore(settings.resolved_artifact_dir),
         backends=build_backends(settings),
         model_cache=ModelCache(),
+        metrics=Metrics(database),
     )
 
 
@@ -71,9 +76,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker = EmbeddedWorker(state) if settings.embedded_worker else None
         if worker is not None:
             worker.start()
+        if not settings.api_keys:
+            log.warning("no API keys configured (CENTROID_API_KEYS): the API is open to anyone who can reach it")
         log.info(
             "centroid ready",
-            extra={"database": state.database.dialect, "artifacts": str(state.store.root), "embedded_worker": bool(worker)},
+            extra={
+                "database": state.database.dialect,
+                "artifacts": str(state.store.root),
+                "embedded_worker": bool(worker),
+            },
         )
         try:
             yield
@@ -91,13 +102,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.centroid = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(ContentEncodingMiddleware)
+    app.add_middleware(ApiKeyMiddleware, authenticator=Authenticator(settings.api_keys))
+    app.add_middleware(RequestLogMiddleware, metrics=state.metrics)
     app.include_router(health.router)
     app.include_router(backends_router.router)
     app.include_router(datasets_router.router)
     app.include_router(jobs_router.router)
     app.include_router(models_router.router)
     app.include_router(endpoints_router.router)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 
 

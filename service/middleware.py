@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
+from service.metrics import Metrics
 from service.request_context import reset_request_id, set_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -28,10 +29,12 @@ def _incoming_request_id(scope: Scope) -> str:
 
 
 class RequestLogMiddleware:
-    """Assign a request id (from ``X-Request-ID`` or new), echo it, log method/path/status/duration."""
+    """Assign a request id (from ``X-Request-ID`` or new), echo it, log method/path/status/duration,
+    and count the request in the metrics by route template (not raw path, which would explode)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
         self.log = logging.getLogger("centroid.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -40,6 +43,7 @@ class RequestLogMiddleware:
             return
         request_id = _incoming_request_id(scope)
         token = set_request_id(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
 
@@ -55,6 +59,9 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe_request(scope["method"], route, status, elapsed)
             self.log.info(
                 "%s %s %s",
                 scope["method"],
@@ -64,7 +71,7 @@ class RequestLogMiddleware:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "duration_ms": round(elapsed * 1000, 2),
                 },
             )
             reset_request_id(token)
@@ -101,6 +108,44 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class ContentEncodingMiddleware:
+    """Refuse compressed request bodies (``Content-Encoding`` other than ``identity``) with 415.
+
+    Centroid never decompresses a request body: a gzip-encoded upload would otherwise reach the
+    CSV/JSON parsers as binary and fail with a confusing error, and decompressing would let a few
+    kilobytes expand to gigabytes past the body size limit. Compressed *files* (a model.tar.gz sent
+    as a multipart part) are not affected.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _has_body(scope):
+            encodings = [
+                token.strip().lower()
+                for name, value in scope.get("headers", [])
+                if name == b"content-encoding"
+                for token in value.decode("latin-1").split(",")
+            ]
+            unsupported = [token for token in encodings if token not in ("", "identity")]
+            if unsupported:
+                body = error_body(
+                    "unsupported_media_type",
+                    f"Content-Encoding {', '.join(unsupported)!r} is not supported: send the request body uncompressed",
+                    {"content_encoding": unsupported},
+                )
+                headers = {"accept-encoding": "identity", "connection": "close"}
+                await JSONResponse(body, status_code=415, headers=headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = dict(scope.get("headers", []))
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0").strip() not in (b"0", b"")
 
 
 def _declared_length(scope: Scope) -> int:

@@ -11,10 +11,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+
+
+class ApiKeyEntry(BaseModel):
+    """One API key as configured: only its SHA-256 is stored, never the key itself."""
+
+    name: str = Field(min_length=1, max_length=100, description="Who or what uses the key (for logs).")
+    scope: Literal["read", "admin"] = Field(description="`read`: GET and predictions; `admin`: everything.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key (`centroid keys create`).")
 
 
 class Settings(BaseSettings):
@@ -49,6 +57,12 @@ class Settings(BaseSettings):
     max_invocation_rows: int = Field(
         default=100_000, ge=1, description="Most rows one invocation or prediction request may carry (413 above)."
     )
+    max_model_bytes: int = Field(
+        default=64 * MIB,
+        ge=1,
+        description="Most bytes an imported model.tar.gz may decompress to; more (a gzip bomb, a member claiming "
+        "gigabytes) is refused while streaming, before anything that size is held in memory.",
+    )
     embedded_worker: bool = Field(
         default=True, description="Run a background worker inside the API process (`centroid serve`)."
     )
@@ -62,6 +76,46 @@ class Settings(BaseSettings):
     )
     remote_poll_seconds: float = Field(
         default=15.0, gt=0, description="Seconds between status polls of remote (SageMaker) jobs and endpoints."
+    )
+    aws_region: str | None = Field(
+        default=None,
+        description="AWS region for SageMaker and S3 (e.g. `us-east-1`); it also picks the KMeans image.",
+    )
+    sagemaker_role_arn: str | None = Field(
+        default=None,
+        description="IAM role SageMaker assumes to read the data and write the model (execution role).",
+    )
+    s3_bucket: str | None = Field(default=None, description="S3 bucket for training data and model artifacts.")
+    s3_prefix: str = Field(
+        default="centroid", description="Key prefix inside `s3_bucket` for everything Centroid writes."
+    )
+    training_instance_type: str = Field(
+        default="ml.c4.8xlarge", description="Default SageMaker training instance type (per job: resource_config)."
+    )
+    training_instance_count: int = Field(
+        default=1, ge=1, description="Default number of training instances (the data is sharded across them)."
+    )
+    training_volume_gb: int = Field(
+        default=30, ge=1, description="EBS volume per training instance, in GB (holds the downloaded data)."
+    )
+    endpoint_instance_type: str = Field(
+        default="ml.m4.xlarge", description="Default SageMaker endpoint instance type (per endpoint: instance_type)."
+    )
+    endpoint_instance_count: int = Field(default=1, ge=1, description="Default number of endpoint instances.")
+    max_runtime_seconds: int = Field(
+        default=86_400, ge=60, description="Default SageMaker StoppingCondition.MaxRuntimeInSeconds of a training job."
+    )
+    aws_endpoint_url: str | None = Field(
+        default=None,
+        description="Send every AWS call to this URL instead of AWS (a moto server in tests or docker-compose).",
+    )
+    aws_max_attempts: int = Field(
+        default=8, ge=1, description="Attempts per AWS call; throttling and transient errors are retried with backoff."
+    )
+    api_keys: list[ApiKeyEntry] = Field(
+        default_factory=list,
+        description="API keys as a JSON list of {name, scope, sha256}. Empty: the API is open and "
+        "`centroid serve` only listens on 127.0.0.1.",
     )
     log_level: str = Field(default="INFO", description="Python logging level name.")
     log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")

@@ -18,7 +18,9 @@ def upload_csv(
     return response.json()  # type: ignore[no-any-return]
 
 
-def derive(client: TestClient, dataset_id: str, name: str, steps: list[dict[str, Any]], expect: int = 201) -> dict[str, Any]:
+def derive(
+    client: TestClient, dataset_id: str, name: str, steps: list[dict[str, Any]], expect: int = 201
+) -> dict[str, Any]:
     response = client.post(f"/datasets/{dataset_id}/derive", json={"name": name, "steps": steps})
     assert response.status_code == expect, response.text
     return response.json()  # type: ignore[no-any-return]
@@ -164,4 +166,6 @@ def centroid_process(args: list[str], env: dict[str, str], log_path: Any) -> Any
 
     full_env = {**os.environ, "CENTROID_LOG_FORMAT": "text", **env}
     log_file = open(log_path, "ab")  # noqa: SIM115 - closed with the process by the caller's cleanup
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=full_env, stdout=log_file, stderr=log_file)
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args], env=full_env, stdout=log_file, stderr=log_file
+    )

@@ -122,7 +122,9 @@ def test_centroid_serve_runs_a_real_server(tmp_path: Path) -> None:
     assert "Traceback" not in output, output
 
 
-def test_db_upgrade_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_db_upgrade_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from service.cli import main
     from service.settings import get_settings
 
@@ -135,3 +137,33 @@ def test_db_upgrade_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
         get_settings.cache_clear()
     assert "database at revision" in capsys.readouterr().out
     assert (tmp_path / "centroid.db").is_file()
+
+
+def test_unexpected_errors_are_500_in_the_error_shape_with_the_request_id(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom", headers={"X-Request-ID": "req-500"})
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {
+            "code": "internal_error",
+            "message": "internal server error",
+            "details": None,
+            "request_id": "req-500",
+        }
+    }
+    assert response.headers["x-request-id"] == "req-500"
+
+
+def test_renamed_columns_must_be_valid_names(client: TestClient) -> None:
+    dataset = upload_csv(client, "r", b"k,a,b\nx,1,2\n", "k")
+    response = client.post(
+        f"/datasets/{dataset['id']}/derive",
+        json={"name": "r2", "steps": [{"op": "rename", "mapping": {"a": "bad\tname"}}]},
+    )
+    assert response.status_code == 400 and "control characters" in response.json()["error"]["message"]

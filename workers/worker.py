@@ -24,7 +24,8 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.backends.base import (
     Backend,
@@ -35,11 +36,13 @@ from service.backends.base import (
     TrainingUpdate,
 )
 from service.datasets.repository import DatasetRepository
+from service.db.session import rows_affected
 from service.db.tables import EndpointTable, TrainingJobTable, WorkerTable
 from service.db.types import utcnow
 from service.deps import AppState
 from service.endpoints.repository import EndpointRepository
 from service.engine import KMeansHyperparameters
+from service.errors import AppError
 from service.jobs.repository import FINAL_STATUSES, JobRepository
 from service.jobs.service import transition
 from service.models.repository import ModelRepository
@@ -127,6 +130,10 @@ class Worker:
         backend = self.state.backends.get(job.backend)
         try:
             self._drive_job(job, backend)
+        except (OperationalError, InterfaceError, PoolTimeout):
+            # The database is unavailable, not the job at fault: `run` backs off; the lease runs out
+            # and the job is run again. (Failing it here would turn a database blip into a failed job.)
+            raise
         except Exception as exc:  # noqa: BLE001 - a job's failure must never kill the worker
             log.exception("training job %s raised", job.name)
             self._after_error(job, backend, exc)
@@ -140,7 +147,9 @@ class Worker:
 
     def _run_local(self, job: TrainingJobTable, backend: Backend) -> None:
         if job.stop_requested:
-            self._finish(job, TrainingUpdate(status="Stopped", secondary_status="Stopped", message="stopped on request"))
+            self._finish(
+                job, TrainingUpdate(status="Stopped", secondary_status="Stopped", message="stopped on request")
+            )
             return
         if job.attempts >= MAX_ATTEMPTS:
             reason = f"the worker running this job stopped unexpectedly {job.attempts} times"
@@ -211,7 +220,9 @@ class Worker:
             spec = self._spec(job)
         if job.status == "Pending":
             if job.stop_requested:
-                self._finish(job, TrainingUpdate(status="Stopped", secondary_status="Stopped", message="stopped on request"))
+                self._finish(
+                    job, TrainingUpdate(status="Stopped", secondary_status="Stopped", message="stopped on request")
+                )
                 return
             self._mark_started_remote(job)
         update_ = backend.advance_training(spec, _RunningJob(job.name))
@@ -233,7 +244,9 @@ class Worker:
             values.update(ended_at=utcnow(), lease_owner=None, lease_expires_at=None, next_poll_at=None)
         else:
             poll_after = result.poll_after_seconds or self.settings.remote_poll_seconds
-            values.update(lease_owner=None, lease_expires_at=None, next_poll_at=utcnow() + timedelta(seconds=poll_after))
+            values.update(
+                lease_owner=None, lease_expires_at=None, next_poll_at=utcnow() + timedelta(seconds=poll_after)
+            )
         with self.db.session() as session:
             if result.status == "Completed" and result.result is not None:
                 model = ModelService(session, self.state.store).register_trained(job, result.result, self.id, values)
@@ -266,7 +279,10 @@ class Worker:
     def _after_error(self, job: TrainingJobTable, backend: Backend, exc: Exception) -> None:
         """Local training errors fail the job; a remote poll error is retried later."""
         if job.backend == "local":
-            reason = f"internal error while training: {type(exc).__name__}: {exc}"
+            if isinstance(exc, AppError):  # a condition clients are told about, e.g. no space left for the model
+                reason = f"the job could not be completed: {exc.message}"
+            else:
+                reason = f"internal error while training: {type(exc).__name__}: {exc}"
             self._finish(job, TrainingUpdate(status="Failed", secondary_status="Failed", failure_reason=reason))
             return
         self._finish(
@@ -305,7 +321,9 @@ class Worker:
             if endpoint is None:
                 return False
             model = ModelRepository(session).get(endpoint.pending_model_id or endpoint.model_id)
-            spec = EndpointSpec(endpoint.name, served_model(model, self.state.store), endpoint.instance_config, endpoint.remote)
+            spec = EndpointSpec(
+                endpoint.name, served_model(model, self.state.store), endpoint.instance_config, endpoint.remote
+            )
         backend = self.state.backends.get(endpoint.backend)
         try:
             result = backend.delete_endpoint(spec) if endpoint.status == "Deleting" else backend.advance_endpoint(spec)
@@ -320,7 +338,9 @@ class Worker:
         with self.db.session() as session:
             if result.status == "Deleted":
                 session.execute(
-                    delete(EndpointTable).where(EndpointTable.name == endpoint.name, EndpointTable.lease_owner == self.id)
+                    delete(EndpointTable).where(
+                        EndpointTable.name == endpoint.name, EndpointTable.lease_owner == self.id
+                    )
                 )
                 session.commit()
                 log.info("endpoint deleted", extra={"endpoint": endpoint.name})
@@ -338,16 +358,23 @@ class Worker:
     def _heartbeat_worker(self, current_job: str | None) -> None:
         now = utcnow()
         with self.db.session() as session:
-            updated = session.execute(
-                update(WorkerTable)
-                .where(WorkerTable.id == self.id)
-                .values(heartbeat_at=now, last_poll_at=now, current_job=current_job)
-            ).rowcount
+            updated = rows_affected(
+                session.execute(
+                    update(WorkerTable)
+                    .where(WorkerTable.id == self.id)
+                    .values(heartbeat_at=now, last_poll_at=now, current_job=current_job)
+                )
+            )
             if not updated:
                 session.add(
                     WorkerTable(
-                        id=self.id, hostname=socket.gethostname()[:255], pid=os.getpid(), started_at=now,
-                        heartbeat_at=now, last_poll_at=now, current_job=current_job,
+                        id=self.id,
+                        hostname=socket.gethostname()[:255],
+                        pid=os.getpid(),
+                        started_at=now,
+                        heartbeat_at=now,
+                        last_poll_at=now,
+                        current_job=current_job,
                     )
                 )
             session.commit()
@@ -387,9 +414,15 @@ def _job_values(job: TrainingJobTable, result: TrainingUpdate) -> dict[str, Any]
     values["status_transitions"] = (
         result.transitions
         if result.transitions is not None
-        else _append_transition(job.status_transitions, result.secondary_status, result.message or result.failure_reason)
+        else _append_transition(
+            job.status_transitions, result.secondary_status, result.message or result.failure_reason
+        )
     )
-    if result.status in FINAL_STATUSES and values["status_transitions"] and values["status_transitions"][-1].get("end_time") is None:
+    if (
+        result.status in FINAL_STATUSES
+        and values["status_transitions"]
+        and values["status_transitions"][-1].get("end_time") is None
+    ):
         values["status_transitions"][-1]["end_time"] = utcnow().isoformat()
     return values
 
@@ -426,4 +459,3 @@ class EmbeddedWorker:
     def stop(self, timeout: float = 30.0) -> None:
         self.worker.request_shutdown()
         self.thread.join(timeout)
-

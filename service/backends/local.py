@@ -50,20 +50,21 @@ class LocalBackend:
         try:
             estimator.fit(train, test=test, progress=hooks.progress, should_stop=hooks.should_stop)
         except TrainingStopped as stopped:
-            return TrainingUpdate(
-                status="Stopped",
-                secondary_status="Stopped",
-                message=f"stopped after {stopped.points_processed} points",
-                points_processed=stopped.points_processed,
-                **_timing(started),
+            message = f"stopped after {stopped.points_processed} points"
+            return _timed(
+                TrainingUpdate(
+                    status="Stopped",
+                    secondary_status="Stopped",
+                    message=message,
+                    points_processed=stopped.points_processed,
+                ),
+                started,
             )
         except (EngineInputError, HyperparameterError) as exc:
-            return TrainingUpdate(
-                status="Failed", secondary_status="Failed", failure_reason=str(exc), **_timing(started)
-            )
+            return _timed(TrainingUpdate(status="Failed", secondary_status="Failed", failure_reason=str(exc)), started)
         centers = estimator.cluster_centers_
         metrics = estimator.metrics_
-        return TrainingUpdate(
+        completed = TrainingUpdate(
             status="Completed",
             secondary_status="Completed",
             message="training job completed",
@@ -75,8 +76,8 @@ class LocalBackend:
                 engine_version=ENGINE_VERSION,
                 seed=spec.hyperparameters.seed,
             ),
-            **_timing(started),
         )
+        return _timed(completed, started)
 
     def stop_training(self, spec: TrainingSpec) -> None:
         """Local training notices ``stop_requested`` between mini-batches; nothing to send."""
@@ -101,9 +102,10 @@ class LocalBackend:
         return predict(features, spec.model.centroids)
 
 
-def _timing(started: float) -> dict[str, float]:
-    elapsed = round(time.monotonic() - started, 3)
-    return {"training_seconds": elapsed, "billable_seconds": elapsed}
+def _timed(update: TrainingUpdate, started: float) -> TrainingUpdate:
+    """Local training is billed for exactly the time the worker spent on it."""
+    update.training_seconds = update.billable_seconds = round(time.monotonic() - started, 3)
+    return update
 
 
 def _scalar_metrics(values: dict[str, object]) -> dict[str, object]:

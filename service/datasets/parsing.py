@@ -75,6 +75,15 @@ def read_csv_text(data: bytes, delimiter: str, max_columns: int) -> tuple[list[s
 
 
 def _read_header(text: str, delimiter: str, max_columns: int) -> list[str]:
+    end = min((i for i in (text.find("\n"), text.find("\r")) if i >= 0), default=len(text))
+    if text.find('"', 0, end) < 0 and text.count(delimiter, 0, end) >= max_columns:
+        # An unquoted first line: its delimiters count the columns exactly, so a header of a
+        # million columns is refused without building a list of a million names.
+        columns = text.count(delimiter, 0, end) + 1
+        raise InvalidInput(
+            f"the file has {columns} columns; at most {max_columns} are allowed",
+            details={"columns": columns, "limit": max_columns},
+        )
     try:
         header = next(csv.reader(io.StringIO(text), delimiter=delimiter))
     except (StopIteration, csv.Error) as exc:
@@ -96,6 +105,18 @@ def check_column_names(names: Sequence[str]) -> None:
     blank = [i for i, name in enumerate(names) if not name.strip()]
     if blank:
         raise InvalidInput(f"column {blank[0] + 1} has an empty name", details={"positions": blank})
+    not_text = [i for i, name in enumerate(names) if not is_unicode_text(name)]
+    if not_text:
+        raise InvalidInput(
+            f"column {not_text[0] + 1} has a name that is not valid Unicode text (a lone surrogate)",
+            details={"positions": not_text},
+        )
+    control = [i for i, name in enumerate(names) if any(ord(ch) < 32 or ord(ch) == 127 for ch in name)]
+    if control:
+        raise InvalidInput(
+            f"column {control[0] + 1} has a name with control characters (NUL, tab, newline ...)",
+            details={"positions": control},
+        )
     too_long = [name[:40] for name in names if len(name) > 256]
     if too_long:
         raise InvalidInput("column names must be at most 256 characters", details={"columns": too_long})
@@ -115,8 +136,25 @@ def frame_from_rows(columns: Sequence[str], rows: Sequence[Sequence[object]]) ->
                 f"row {index} has {len(row)} values but there are {width} columns",
                 details={"row": index, "values": len(row), "columns": width},
             )
+    for index, row in enumerate(rows):
+        for position, cell in enumerate(row):
+            if isinstance(cell, str) and not is_unicode_text(cell):
+                raise InvalidInput(
+                    f"row {index} column {columns[position]!r}: the value is not valid Unicode text (a lone surrogate)",
+                    details={"row": index, "column": columns[position]},
+                )
     cells = [[None if cell is None else _cell_text(cell) for cell in row] for row in rows]
     return pd.DataFrame(cells, columns=list(columns), dtype=object)
+
+
+def is_unicode_text(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON ``"\\ud800"`` decodes to one): they cannot be
+    stored or sent back as UTF-8, so they are refused as input instead of failing later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _cell_text(cell: object) -> str:
@@ -159,7 +197,11 @@ def _type_column(name: str, column: pd.Series, is_key: bool) -> pd.Series:
         _raise_non_finite(name, first, present.loc[first])
     if not is_number.all():
         return text.astype("string")
-    values = pd.to_numeric(present.str.replace(",", "", regex=False), errors="raise").astype("float64")
+    digits = present.str.replace(",", "", regex=False)
+    try:
+        values = pd.to_numeric(digits, errors="raise").astype("float64")
+    except ValueError:  # an integer of more than 4300 digits, which Python's int() refuses; float() reads it
+        values = digits.map(float).astype("float64")
     infinite = values[~np.isfinite(values.to_numpy())]
     if not infinite.empty:
         _raise_non_finite(name, infinite.index[0], present.loc[infinite.index[0]])
@@ -169,6 +211,7 @@ def _type_column(name: str, column: pd.Series, is_key: bool) -> pd.Series:
 
 
 def _raise_non_finite(column: str, row: object, text: str) -> None:
+    text = text if len(text) <= 64 else f"{text[:30]}...({len(text)} characters)"  # no megabyte error bodies
     raise InvalidInput(
         f"column {column!r} row {row}: {text!r} is not a finite number",
         details={"column": column, "row": int(row), "value": text},  # type: ignore[call-overload]

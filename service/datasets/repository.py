@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.db.pagination import paginate
 from service.db.tables import DatasetTable
 from service.errors import NotFound
 
@@ -23,15 +24,20 @@ class DatasetRepository:
             raise NotFound(f"dataset {dataset_id!r} not found", details={"dataset_id": dataset_id})
         return row
 
-    def list(self, offset: int, limit: int, name: str | None = None) -> tuple[list[DatasetTable], int]:
+    def page(self, offset: int, limit: int, name: str | None = None) -> tuple[list[DatasetTable], int]:
         query = select(DatasetTable)
         if name is not None:
             query = query.where(DatasetTable.name == name)
-        total = self.session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = self.session.scalars(
-            query.order_by(DatasetTable.created_at.desc(), DatasetTable.id).offset(offset).limit(limit)
-        ).all()
-        return list(rows), total
+        return paginate(
+            self.session,
+            query,
+            (
+                DatasetTable.created_at.desc(),
+                DatasetTable.id,
+            ),
+            offset,
+            limit,
+        )
 
     def delete(self, row: DatasetTable) -> None:
         self.session.delete(row)

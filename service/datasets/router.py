@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.orm import Session
-from starlette.datastructures import UploadFile
 
-from schemas.common import Page, error_responses
-from schemas.datasets import Dataset, DatasetCreate, DatasetDetail, DatasetRows, DeriveRequest
+from schemas.common import MAX_OFFSET, LimitQuery, OffsetQuery, Page, error_responses
+from schemas.datasets import Dataset, DatasetCreate, DatasetDetail, DatasetRows, DeriveRequest, no_control_chars
 from service.datasets.parsing import DELIMITERS
 from service.datasets.service import DatasetService
 from service.deps import AppState, app_state, db_session
-from service.errors import RequestValidationFailed, UnsupportedMediaType
+from service.errors import UnsupportedMediaType
 from service.jobs.repository import JobRepository
 from service.models.repository import ModelRepository
+from service.request_bodies import parse_json, read_upload, validate
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -34,6 +33,8 @@ class CsvUploadForm(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     key_column: str | None = Field(default=None, max_length=256)
     delimiter: str = Field(default=",")
+
+    _check_name = field_validator("name")(no_control_chars)
 
     @field_validator("key_column")
     @classmethod
@@ -92,11 +93,6 @@ def dataset_service(session: Session = Depends(db_session), state: AppState = De
 Service = Annotated[DatasetService, Depends(dataset_service)]
 
 
-def _validation_failed(exc: ValidationError) -> RequestValidationFailed:
-    details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return RequestValidationFailed("the request does not match the API schema", details=details)
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -113,12 +109,7 @@ async def create_dataset(request: Request, service: Service) -> Any:
     if content_type == "multipart/form-data":
         return await _create_from_upload(request, service)
     if content_type == "application/json":
-        try:
-            payload = DatasetCreate.model_validate(json.loads(await request.body()))
-        except json.JSONDecodeError as exc:
-            raise RequestValidationFailed(f"the body is not valid JSON: {exc.msg}") from exc
-        except ValidationError as exc:
-            raise _validation_failed(exc) from exc
+        payload = validate(DatasetCreate, parse_json(await request.body()))
         return await run_in_threadpool(service.create_from_rows, payload)
     raise UnsupportedMediaType(
         f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data or application/json"
@@ -126,19 +117,11 @@ async def create_dataset(request: Request, service: Service) -> Any:
 
 
 async def _create_from_upload(request: Request, service: DatasetService) -> Any:
-    async with request.form(max_files=1, max_fields=10) as form:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise RequestValidationFailed("multipart field `file` (the CSV file) is required")
-        try:
-            fields = CsvUploadForm.model_validate({k: v for k, v in form.items() if isinstance(v, str)})
-        except ValidationError as exc:
-            raise _validation_failed(exc) from exc
-        data = await upload.read()
+    upload, fields = await read_upload(request, CsvUploadForm, "the CSV file")
     return await run_in_threadpool(
         service.create_from_csv,
         fields.name,
-        data,
+        upload.data,
         key_column=fields.key_column,
         filename=upload.filename,
         delimiter=fields.delimiter,
@@ -148,11 +131,11 @@ async def _create_from_upload(request: Request, service: DatasetService) -> Any:
 @router.get("", response_model=Page[Dataset], summary="List datasets, newest first", responses=error_responses(422))
 def list_datasets(
     service: Service,
-    offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 50,
     name: Annotated[str | None, Query(max_length=200, description="Only datasets with this name.")] = None,
 ) -> Any:
-    rows, total = service.list(offset, limit, name)
+    rows, total = service.page(offset, limit, name)
     return Page[Dataset](
         items=[Dataset.model_validate(r, from_attributes=True) for r in rows], total=total, offset=offset, limit=limit
     )
@@ -180,7 +163,7 @@ def get_dataset(dataset_id: str, service: Service) -> Any:
 def get_rows(
     dataset_id: str,
     service: Service,
-    offset: Annotated[int, Query(ge=0, description="First row (0-based).")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="First row (0-based).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="Most rows to return.")] = 100,
 ) -> Any:
     row = service.get(dataset_id)
@@ -202,9 +185,7 @@ def get_rows(
 )
 def download_csv(dataset_id: str, service: Service) -> CSVResponse:
     row = service.get(dataset_id)
-    return CSVResponse(
-        service.csv_chunks(row), headers={"Content-Disposition": f'attachment; filename="{row.id}.csv"'}
-    )
+    return CSVResponse(service.csv_chunks(row), headers={"Content-Disposition": f'attachment; filename="{row.id}.csv"'})
 
 
 @router.post(
@@ -231,4 +212,3 @@ def delete_dataset(dataset_id: str, service: Service) -> Response:
     """Refused with 409 while a training job or model still uses it."""
     service.delete(dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-

@@ -114,8 +114,8 @@ class DatasetService:
     def get(self, dataset_id: str) -> DatasetTable:
         return self.repository.get(dataset_id)
 
-    def list(self, offset: int, limit: int, name: str | None) -> tuple[list[DatasetTable], int]:
-        return self.repository.list(offset, limit, name)
+    def page(self, offset: int, limit: int, name: str | None) -> tuple[list[DatasetTable], int]:
+        return self.repository.page(offset, limit, name)
 
     def load_table(self, row: DatasetTable, columns: list[str] | None = None) -> Table:
         frame = pd.read_parquet(self.store.path(row.storage_key), columns=columns)
@@ -173,7 +173,8 @@ def sweep_orphan_files(session: Session, store: LocalArtifactStore, grace_second
 def _safe_filename(filename: str | None) -> str | None:
     if not filename:
         return None
-    return PurePath(filename.replace("\\", "/")).name[:200] or None
+    printable = "".join(ch for ch in filename if ch.isprintable())  # no NUL/control chars in the recipe
+    return PurePath(printable.replace("\\", "/")).name[:200] or None
 
 
 def _column_summary(series: pd.Series, dtype: str) -> dict[str, Any]:

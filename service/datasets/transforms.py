@@ -17,14 +17,11 @@ import pandas as pd
 from schemas.datasets import (
     DeriveStep,
     DropNaStep,
-    DropStep,
     FillNaStep,
     JoinStep,
-    RenameStep,
     ScaleStep,
-    SelectStep,
 )
-from service.datasets.parsing import check_key, non_numeric_cells
+from service.datasets.parsing import check_column_names, check_key, non_numeric_cells
 from service.errors import InvalidInput
 
 Recipe = dict[str, Any]
@@ -153,7 +150,9 @@ def fit_scale(table: Table, step: ScaleStep) -> dict[str, dict[str, float]]:
     return params
 
 
-def scale_values(values: np.ndarray, method: str, params: dict[str, float], feature_range: Sequence[float]) -> np.ndarray:
+def scale_values(
+    values: np.ndarray, method: str, params: dict[str, float], feature_range: Sequence[float]
+) -> np.ndarray:
     """The scaling formula itself, shared by datasets and by replays on raw rows."""
     if method == "minmax":
         low, high = feature_range
@@ -161,7 +160,9 @@ def scale_values(values: np.ndarray, method: str, params: dict[str, float], feat
     return (values - params["mean"]) / params["std"]
 
 
-def unscale_values(values: np.ndarray, method: str, params: dict[str, float], feature_range: Sequence[float]) -> np.ndarray:
+def unscale_values(
+    values: np.ndarray, method: str, params: dict[str, float], feature_range: Sequence[float]
+) -> np.ndarray:
     """Inverse of :func:`scale_values` (centroids back in original units)."""
     if method == "minmax":
         low, high = feature_range
@@ -231,6 +232,7 @@ def apply_shape_step(table: Table, record: FittedStep) -> Table:
     if op == "rename":
         mapping: dict[str, str] = record["mapping"]
         require_columns(table, list(mapping), "rename")
+        check_column_names(list(mapping.values()))
         renamed = [mapping.get(name, name) for name in table.frame.columns]
         clashes = sorted({name for name in renamed if renamed.count(name) > 1})
         if clashes:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+PG_CONNECT_TIMEOUT_SECONDS = 5
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -30,7 +32,11 @@ def build_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # Without a connect timeout libpq waits forever for a database host that drops packets, and
+    # every request (and the worker) hangs with it; with one they fail fast (503) and retry.
+    # A `connect_timeout` in the URL's query wins.
+    connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, connect_args=connect_args)
 
 
 class Database:
@@ -60,3 +66,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def rows_affected(result: Result[Any]) -> int:
+    """How many rows an UPDATE/DELETE touched (what compare-and-swap writes check)."""
+    return cast(CursorResult[Any], result).rowcount

@@ -72,9 +72,7 @@ class ModelTable(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), index=True)
     source: Mapped[str] = mapped_column(String(20))
-    training_job_name: Mapped[str | None] = mapped_column(
-        ForeignKey("training_jobs.name"), unique=True
-    )
+    training_job_name: Mapped[str | None] = mapped_column(ForeignKey("training_jobs.name"), unique=True)
     train_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), index=True)
     key_column: Mapped[str | None] = mapped_column(String(256))
     feature_names: Mapped[list[Any]] = mapped_column()

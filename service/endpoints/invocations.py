@@ -84,15 +84,24 @@ def parse_features(body: bytes, kind: str, feature_dim: int, max_rows: int) -> n
     elif kind == JSON:
         rows = _json_rows(text)
     else:
-        rows = [_instance_features(_load_json(line, f"line {i}"), i) for i, line in enumerate(text.splitlines()) if line.strip()]
+        rows = [
+            _instance_features(_load_json(line, f"line {i}"), i)
+            for i, line in enumerate(text.splitlines())
+            if line.strip()
+        ]
     if len(rows) > max_rows:
         raise _too_many(len(rows), max_rows)
     return _matrix(rows, feature_dim)
 
 
 def _refuse_too_many_rows(body: bytes, kind: str, max_rows: int) -> None:
-    """Cheap upper bound on the row count, checked before anything is parsed."""
-    estimate = body.count(b"\n") if kind != JSON else body.count(b'"features"')
+    """Cheap upper bound on the row count, checked before anything is parsed.
+
+    CSV and JSON Lines rows end with ``\n``, ``\r\n`` or a lone ``\r`` (both parsers split on it);
+    every JSON instance form (``{"features": [...]}``, a bare ``[...]``, the dense
+    ``{"data": {"features": {"values": [...]}}}``) opens exactly one array, and ``instances`` one more.
+    """
+    estimate = body.count(b"[") - 1 if kind == JSON else max(body.count(b"\n"), body.count(b"\r"))
     if estimate > max_rows + 1:
         raise _too_many(estimate, max_rows)
 
@@ -160,19 +169,22 @@ def _matrix(rows: list[Any], feature_dim: int) -> np.ndarray:
 
 
 def _number(value: Any, row: int, column: int) -> float:
+    where = {"row": row, "column": column}
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise InvalidInput(f"row {row} feature {column}: {value!r} is not a number", details={"row": row, "column": column})
+        raise InvalidInput(f"row {row} feature {column}: {_shown(value)} is not a number", details=where)
     try:
         number = float(value)
     except (ValueError, OverflowError) as exc:
-        raise InvalidInput(
-            f"row {row} feature {column}: {value!r} is not a number", details={"row": row, "column": column}
-        ) from exc
+        raise InvalidInput(f"row {row} feature {column}: {_shown(value)} is not a number", details=where) from exc
     if not math.isfinite(number):
-        raise InvalidInput(
-            f"row {row} feature {column}: {value!r} is not a finite number", details={"row": row, "column": column}
-        )
+        raise InvalidInput(f"row {row} feature {column}: {_shown(value)} is not a finite number", details=where)
     return number
+
+
+def _shown(value: Any) -> str:
+    """The offending value for an error message, cut short (a cell can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= 64 else f"{text[:30]}...({len(text)} characters)"
 
 
 def render(prediction: Prediction, kind: str) -> bytes:

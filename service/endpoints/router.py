@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from schemas.common import Page, error_responses
+from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
 from schemas.endpoints import (
     Endpoint,
     EndpointCreate,
@@ -19,14 +19,16 @@ from schemas.endpoints import (
     PredictionResponse,
 )
 from service.deps import AppState, app_state, db_session
-from service.endpoints.invocations import CSV, JSON, JSONLINES, request_format, response_format
+from service.endpoints.invocations import CSV, JSON, JSONLINES, media_type, request_format, response_format
 from service.endpoints.service import EndpointService
+from service.errors import PayloadTooLarge, UnsupportedMediaType
+from service.request_bodies import parse_json, validate
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
 
 
 def endpoint_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> EndpointService:
-    return EndpointService(session, state.store, state.backends, state.model_cache, state.settings)
+    return EndpointService(session, state.store, state.backends, state.model_cache, state.settings, state.metrics)
 
 
 Service = Annotated[EndpointService, Depends(endpoint_service)]
@@ -52,10 +54,10 @@ def create_endpoint(request: EndpointCreate, service: Service) -> Any:
 def list_endpoints(
     service: Service,
     status_filter: Annotated[EndpointStatus | None, Query(alias="status")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 50,
 ) -> Any:
-    rows, total = service.list(offset, limit, status_filter)
+    rows, total = service.page(offset, limit, status_filter)
     return Page[Endpoint](items=[view(r) for r in rows], total=total, offset=offset, limit=limit)
 
 
@@ -123,7 +125,10 @@ _INVOCATION_BODY: dict[str, Any] = {
     responses={
         200: {
             "content": {
-                JSONLINES: {"schema": {"type": "string"}, "example": '{"closest_cluster": 1.0, "distance_to_cluster": 3.2}\n'},
+                JSONLINES: {
+                    "schema": {"type": "string"},
+                    "example": '{"closest_cluster": 1.0, "distance_to_cluster": 3.2}\n',
+                },
                 CSV: {"schema": {"type": "string"}, "example": "1.0,3.2\n"},
             }
         },
@@ -143,14 +148,41 @@ async def invoke(name: str, request: Request, service: Service) -> Response:
     return Response(content=content, media_type=response_kind)
 
 
+_PREDICTION_BODY: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {JSON: {"schema": PredictionRequest.model_json_schema()}}}
+}
+
+
+def parse_prediction_request(body: bytes, max_rows: int) -> PredictionRequest:
+    """The request, refused with 413 *before* parsing when it holds more rows than allowed.
+
+    FastAPI would build every row as a dict before the handler could count them (1e6 tiny rows,
+    13 MB of JSON, take ~400 MB); every row is a JSON object, so counting ``{`` bounds the rows.
+    """
+    estimate = body.count(b"{") - 1
+    if estimate > max_rows:
+        raise PayloadTooLarge(
+            f"the request holds about {estimate} rows; at most {max_rows} are accepted per request (send batches)",
+            details={"rows": estimate, "limit": max_rows},
+        )
+    return validate(PredictionRequest, parse_json(body), ("body",))
+
+
 @router.post(
     "/{name}/predictions",
     response_model=PredictionResponse,
     summary="Cluster assignments for rows or a dataset, labelled by key",
-    responses=error_responses(400, 404, 409, 413, 422),
+    responses=error_responses(400, 404, 409, 413, 415, 422),
+    openapi_extra=_PREDICTION_BODY,
 )
-def predictions(name: str, request: PredictionRequest, service: Service) -> Any:
+async def predictions(name: str, request: Request, service: Service) -> Any:
     """Rows (objects keyed by feature name) or a `dataset_id`; `raw: true` applies the model's
     preprocessing first. `sort: "cluster,distance"` gives the workshop's ordering, and
-    `cluster_counts` the number of rows per cluster."""
-    return service.predictions(name, request)
+    `cluster_counts` the number of rows per cluster. More than `CENTROID_MAX_INVOCATION_ROWS`
+    rows get 413 before the body is parsed."""
+    content_type = media_type(request.headers.get("content-type"))
+    if content_type not in ("", JSON) and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; send {JSON}")
+    body = await request.body()
+    payload = await run_in_threadpool(parse_prediction_request, body, service.settings.max_invocation_rows)
+    return await run_in_threadpool(service.predictions, name, payload)

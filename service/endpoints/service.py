@@ -22,6 +22,7 @@ from service.endpoints.invocations import parse_features, render
 from service.endpoints.repository import SERVING, EndpointRepository
 from service.engine import Prediction, predict
 from service.errors import Conflict, InvalidInput, PayloadTooLarge
+from service.metrics import Metrics
 from service.models.repository import ModelRepository
 from service.models.service import frame_matrix, served_model
 from service.settings import Settings
@@ -52,6 +53,7 @@ class EndpointService:
         backends: BackendRegistry,
         cache: ModelCache,
         settings: Settings,
+        metrics: Metrics,
     ) -> None:
         self.session = session
         self.endpoints = EndpointRepository(session)
@@ -60,6 +62,7 @@ class EndpointService:
         self.backends = backends
         self.cache = cache
         self.settings = settings
+        self.metrics = metrics
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -92,8 +95,8 @@ class EndpointService:
     def get(self, name: str) -> EndpointTable:
         return self.endpoints.get(name)
 
-    def list(self, offset: int, limit: int, status: str | None) -> tuple[list[EndpointTable], int]:
-        return self.endpoints.list(offset, limit, status)
+    def page(self, offset: int, limit: int, status: str | None) -> tuple[list[EndpointTable], int]:
+        return self.endpoints.page(offset, limit, status)
 
     def switch_model(self, name: str, model_id: str) -> EndpointTable:
         """Start serving another model; the current one keeps answering until the new one is ready."""
@@ -136,8 +139,11 @@ class EndpointService:
 
     def invoke(self, name: str, body: bytes, request_kind: str, response_kind: str) -> bytes:
         target = self.target(name)
-        features = parse_features(body, request_kind, len(target.model.feature_names), self.settings.max_invocation_rows)
+        features = parse_features(
+            body, request_kind, len(target.model.feature_names), self.settings.max_invocation_rows
+        )
         prediction = self._backend(target).invoke(target.spec, features)
+        self.metrics.record_prediction(name, "invocations", len(features))
         return render(prediction, response_kind)
 
     def predictions(self, name: str, request: PredictionRequest) -> PredictionResponse:
@@ -154,6 +160,7 @@ class EndpointService:
             for keys, matrix, prediction in pieces
             for row in _rows(keys, prediction, target.model.centroids, matrix if request.include_distances else None)
         ]
+        self.metrics.record_prediction(name, "predictions", len(predictions))
         counts = {str(c): 0 for c in range(target.cached.k)}
         for row in predictions:
             counts[str(row.closest_cluster)] += 1
@@ -176,6 +183,12 @@ class EndpointService:
         columns = list(dict.fromkeys(name for row in rows for name in row))
         frame = type_columns(frame_from_rows(columns, [[row.get(c) for c in columns] for row in rows]), None).frame
         key_column = target.cached.key_column
+        if key_column and key_column in frame.columns and frame[key_column].isna().any():
+            row = int(np.flatnonzero(frame[key_column].isna().to_numpy())[0])
+            raise InvalidInput(
+                f"row {row} has no value for the key column {key_column!r}; label every row or none",
+                details={"row": row, "key_column": key_column},
+            )
         keys = (
             frame[key_column].astype(str).tolist()
             if key_column and key_column in frame.columns
@@ -208,7 +221,11 @@ class EndpointService:
                 details={"limit": self.settings.max_invocation_rows},
             )
         frame = pd.read_parquet(self.store.path(dataset.storage_key))
-        keys = frame[dataset.key_column].astype(str).tolist() if dataset.key_column else [str(i) for i in range(len(frame))]
+        keys = (
+            frame[dataset.key_column].astype(str).tolist()
+            if dataset.key_column
+            else [str(i) for i in range(len(frame))]
+        )
         matrix = self._features(target, frame, raw, f"dataset {dataset.id!r}")
         return [(keys, matrix, self._backend(target).invoke(target.spec, matrix))]
 

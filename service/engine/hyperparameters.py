@@ -77,16 +77,8 @@ class KMeansHyperparameters:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, object]) -> KMeansHyperparameters:
         """Parse SageMaker-style values (strings or native types); raise HyperparameterError."""
-        missing = [
-            ParameterProblem(key, f"is required; {_rule(key)}")
-            for key in _REQUIRED
-            if key not in raw
-        ]
-        unknown = [
-            ParameterProblem(str(key), "unknown hyperparameter")
-            for key in raw
-            if key not in _PARSERS
-        ]
+        missing = [ParameterProblem(key, f"is required; {_rule(key)}") for key in _REQUIRED if key not in raw]
+        unknown = [ParameterProblem(str(key), "unknown hyperparameter") for key in raw if key not in _PARSERS]
         parsed, problems = _parse_all({key: raw[key] for key in raw if key in _PARSERS})
         if missing or unknown or problems:
             raise HyperparameterError(missing + unknown + problems)
@@ -125,16 +117,11 @@ class KMeansHyperparameters:
             problems.append(
                 ParameterProblem(
                     "feature_dim",
-                    f"must equal the number of columns of the {what} data ({n_features}), "
-                    f"got {self.feature_dim}",
+                    f"must equal the number of columns of the {what} data ({n_features}), got {self.feature_dim}",
                 )
             )
         if what == "training" and self.k > n_rows:
-            problems.append(
-                ParameterProblem(
-                    "k", f"must be <= the number of training rows ({n_rows}), got {self.k}"
-                )
-            )
+            problems.append(ParameterProblem("k", f"must be <= the number of training rows ({n_rows}), got {self.k}"))
         if problems:
             raise HyperparameterError(problems)
 

@@ -96,8 +96,7 @@ class _Reader:
     def take(self, size: int, what: str) -> memoryview:
         if size < 0 or size > self.remaining:
             raise ModelFormatError(
-                f"truncated file: {what} needs {size} bytes at offset {self.offset}, "
-                f"only {self.remaining} left"
+                f"truncated file: {what} needs {size} bytes at offset {self.offset}, only {self.remaining} left"
             )
         chunk = self._view[self.offset : self.offset + size]
         self.offset += size
@@ -118,9 +117,7 @@ def read_ndarray_list(data: bytes) -> NDArrayList:
     reader = _Reader(data)
     magic, reserved, count = reader.unpack("<QQQ", "list header")
     if magic != LIST_MAGIC:
-        raise ModelFormatError(
-            f"not an MXNet NDArray list: magic {magic:#x}, expected {LIST_MAGIC:#x}"
-        )
+        raise ModelFormatError(f"not an MXNet NDArray list: magic {magic:#x}, expected {LIST_MAGIC:#x}")
     if count > reader.remaining // _MIN_ARRAY_BYTES:
         raise ModelFormatError(f"array count {count} is larger than the file can hold")
     arrays: list[np.ndarray] = []
@@ -205,9 +202,7 @@ def _array_bytes(array: np.ndarray, header: NDArrayHeader) -> bytes:
         raise ValueError(f"arrays must have 1 to {MAX_NDIM} dimensions, got {array.ndim}")
     parts = [struct.pack("<I", header.magic)]
     if header.magic != V1_MAGIC:
-        parts.append(
-            struct.pack("<i", DENSE_STORAGE if header.storage_type is None else header.storage_type)
-        )
+        parts.append(struct.pack("<i", DENSE_STORAGE if header.storage_type is None else header.storage_type))
     parts.append(struct.pack(f"<i{array.ndim}q", array.ndim, *array.shape))
     parts.append(struct.pack("<iii", header.dev_type, header.dev_id, flag))
     parts.append(np.ascontiguousarray(array, dtype=_TYPE_FLAGS[flag]).tobytes())
@@ -252,8 +247,7 @@ def read_model_tar(
     centers = arrays[0]
     if centers.ndim != 2 or 0 in centers.shape or centers.dtype.kind != "f":
         raise ModelFormatError(
-            f"{MODEL_MEMBER} must hold a non-empty float (k, d) matrix, "
-            f"got {centers.dtype} {centers.shape}"
+            f"{MODEL_MEMBER} must hold a non-empty float (k, d) matrix, got {centers.dtype} {centers.shape}"
         )
     if not np.isfinite(centers).all():
         raise ModelFormatError(f"{MODEL_MEMBER} contains non-finite centroid values")
@@ -273,9 +267,7 @@ def _model_member(data: bytes, max_member_bytes: int, max_total_bytes: int) -> b
                 if found is not None:
                     raise ModelFormatError(f"the archive holds {MODEL_MEMBER} more than once")
                 if member.size > max_member_bytes:
-                    raise ModelFormatError(
-                        f"{MODEL_MEMBER} is {member.size} bytes, above the {max_member_bytes} limit"
-                    )
+                    raise ModelFormatError(f"{MODEL_MEMBER} is {member.size} bytes, above the {max_member_bytes} limit")
                 found = _read_member(archive, member)
         while stream.read(1 << 16):  # drain to the end so gzip verifies its CRC
             pass

@@ -175,9 +175,7 @@ def as_feature_matrix(X: ArrayLike, n_features: int, what: str) -> np.ndarray:
     if data.ndim != 2:
         raise EngineInputError(f"{what} must be a 2-D matrix (rows x features), got {data.ndim}-D")
     if data.shape[1] != n_features:
-        raise EngineInputError(
-            f"{what} has {data.shape[1]} features but the model has {n_features} (feature_dim)"
-        )
+        raise EngineInputError(f"{what} has {data.shape[1]} features but the model has {n_features} (feature_dim)")
     check_finite(data, what, 0)
     return data
 
@@ -185,7 +183,5 @@ def as_feature_matrix(X: ArrayLike, n_features: int, what: str) -> np.ndarray:
 def _as_centers(centers: ArrayLike) -> np.ndarray:
     matrix = np.asarray(centers)
     if matrix.ndim != 2 or 0 in matrix.shape:
-        raise EngineInputError(
-            f"centers must be a non-empty (k, d) matrix, got shape {matrix.shape}"
-        )
+        raise EngineInputError(f"centers must be a non-empty (k, d) matrix, got shape {matrix.shape}")
     return as_feature_matrix(matrix, matrix.shape[1], "centers")

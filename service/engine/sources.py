@@ -44,9 +44,7 @@ class ArrayBatchSource:
     def __init__(self, data: ArrayLike) -> None:
         array = np.asarray(data)
         if array.ndim != 2:
-            raise EngineInputError(
-                f"data must be a 2-D matrix (rows x features), got {array.ndim}-D"
-            )
+            raise EngineInputError(f"data must be a 2-D matrix (rows x features), got {array.ndim}-D")
         if array.dtype.kind not in _NUMERIC_KINDS:
             raise EngineInputError(f"data must be numeric, got dtype {array.dtype}")
         self._data = array
@@ -142,9 +140,7 @@ def as_batch_source(data: BatchSource | ArrayLike) -> BatchSource:
     return data if isinstance(data, BatchSource) else ArrayBatchSource(data)
 
 
-def checked_batches(
-    source: BatchSource, batch_size: int, what: str = "training"
-) -> Generator[np.ndarray, None, None]:
+def checked_batches(source: BatchSource, batch_size: int, what: str = "training") -> Generator[np.ndarray, None, None]:
     """Yield the source's batches as C-contiguous float64, rejecting malformed or non-finite data.
 
     A completed pass must also deliver exactly ``source.n_rows`` rows, which progress totals and
@@ -166,9 +162,7 @@ def _as_float_batch(batch: object, n_features: int, batch_size: int, where: str)
     except (TypeError, ValueError) as exc:
         raise EngineInputError(f"{where}: values are not numeric ({exc})") from exc
     if array.ndim != 2 or array.shape[1] != n_features:
-        raise EngineInputError(
-            f"{where}: expected (rows, {n_features}) values, got shape {array.shape}"
-        )
+        raise EngineInputError(f"{where}: expected (rows, {n_features}) values, got shape {array.shape}")
     if len(array) > batch_size:
         raise EngineInputError(f"{where}: {len(array)} rows, more than the batch size {batch_size}")
     return array
@@ -180,6 +174,5 @@ def check_finite(array: np.ndarray, where: str, first_row: int) -> None:
     if not finite.all():
         row, column = np.argwhere(~finite)[0]
         raise EngineInputError(
-            f"{where}: non-finite value {array[row, column]} "
-            f"at row {first_row + row}, column {column}"
+            f"{where}: non-finite value {array[row, column]} at row {first_row + row}, column {column}"
         )

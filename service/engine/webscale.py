@@ -81,15 +81,9 @@ class WebScaleKMeans:
                 monitor.check()
                 state.update(batch, _decay(len(batch), hp.half_life_time_size))
                 monitor.advance(len(batch))
-        centers = reduce_centers(state.centers, state.counts, hp, seed=reduce_seed).astype(
-            np.float32
-        )
+        centers = reduce_centers(state.centers, state.counts, hp, seed=reduce_seed).astype(np.float32)
         on_train = _evaluate(train, centers, hp.mini_batch_size, monitor, "training")
-        on_test = (
-            None
-            if scored is None
-            else _evaluate(scored, centers, hp.mini_batch_size, monitor, "test")
-        )
+        on_test = None if scored is None else _evaluate(scored, centers, hp.mini_batch_size, monitor, "test")
         self._set_fitted(centers, state, on_train, on_test)
         return self
 
@@ -148,9 +142,7 @@ class _LocalState:
         self.counts[hit] = old + sizes
 
 
-def _cluster_means(
-    batch: np.ndarray, labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cluster_means(batch: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels present, their point counts, their mean points); sums run in row order."""
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
@@ -164,9 +156,7 @@ def _decay(batch_rows: int, half_life: int) -> float:
     return 2.0 ** (-batch_rows / half_life) if half_life else 1.0
 
 
-def _initial_state(
-    source: BatchSource, hp: KMeansHyperparameters, rng: np.random.Generator
-) -> _LocalState:
+def _initial_state(source: BatchSource, hp: KMeansHyperparameters, rng: np.random.Generator) -> _LocalState:
     requested = hp.k * hp.effective_extra_center_factor
     sample = _first_batch(source, min(source.n_rows, max(hp.mini_batch_size, requested)))
     n_centers = min(requested, len(sample))
@@ -176,9 +166,7 @@ def _initial_state(
             centers, _ = kmeans_plusplus(sample, n_centers, random_state=seed)
     else:
         centers = sample[rng.choice(len(sample), size=n_centers, replace=False)]
-    return _LocalState(
-        centers=centers.copy(), counts=np.zeros(n_centers), origin=sample.mean(axis=0)
-    )
+    return _LocalState(centers=centers.copy(), counts=np.zeros(n_centers), origin=sample.mean(axis=0))
 
 
 def _first_batch(source: BatchSource, rows: int) -> np.ndarray:
@@ -205,9 +193,7 @@ def reduce_centers(
     only K rows) to keep results reproducible.
     """
     hp = hyperparameters
-    points, point_weights = _reduction_input(
-        np.asarray(centers, np.float64), np.asarray(weights, np.float64), hp.k
-    )
+    points, point_weights = _reduction_input(np.asarray(centers, np.float64), np.asarray(weights, np.float64), hp.k)
     sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     init = "k-means++" if hp.local_lloyd_init_method == "kmeans++" else "random"
     best: KMeans | None = None
@@ -227,9 +213,7 @@ def reduce_centers(
     return best.cluster_centers_
 
 
-def _reduction_input(
-    centers: np.ndarray, weights: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _reduction_input(centers: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if len(centers) < k:
         raise EngineInputError(f"cannot reduce {len(centers)} centers to k={k}")
     positive = weights > 0
@@ -239,9 +223,7 @@ def _reduction_input(
     return centers, np.where(positive, weights, floor)
 
 
-def _checked_source(
-    data: BatchSource | ArrayLike, hp: KMeansHyperparameters, what: str
-) -> BatchSource:
+def _checked_source(data: BatchSource | ArrayLike, hp: KMeansHyperparameters, what: str) -> BatchSource:
     source = as_batch_source(data)
     if source.n_rows == 0:
         raise EngineInputError(f"{what} data has no rows")
@@ -264,9 +246,7 @@ def _evaluate(
 class _Monitor:
     """Reports progress and honours stop requests between mini-batches."""
 
-    def __init__(
-        self, progress: ProgressCallback | None, should_stop: StopCallback | None, total: int
-    ) -> None:
+    def __init__(self, progress: ProgressCallback | None, should_stop: StopCallback | None, total: int) -> None:
         self._progress = progress
         self._should_stop = should_stop
         self._total = total

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, status
 from sqlalchemy.orm import Session
 
-from schemas.common import Page, error_responses
+from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
 from schemas.jobs import JobStatus, TrainingJob, TrainingJobCreate
 from service.deps import AppState, app_state, db_session
 from service.jobs.service import JobService, job_view
@@ -35,18 +35,22 @@ def create_job(request: TrainingJobCreate, service: Service) -> Any:
     return job_view(service.create(request))
 
 
-@router.get("", response_model=Page[TrainingJob], summary="List training jobs, newest first", responses=error_responses(422))
+@router.get(
+    "", response_model=Page[TrainingJob], summary="List training jobs, newest first", responses=error_responses(422)
+)
 def list_jobs(
     service: Service,
     status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this status.")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 50,
 ) -> Any:
-    rows, total = service.list(offset, limit, status_filter)
+    rows, total = service.page(offset, limit, status_filter)
     return Page[TrainingJob](items=[job_view(r) for r in rows], total=total, offset=offset, limit=limit)
 
 
-@router.get("/{name}", response_model=TrainingJob, summary="Describe a training job", responses=error_responses(404, 422))
+@router.get(
+    "/{name}", response_model=TrainingJob, summary="Describe a training job", responses=error_responses(404, 422)
+)
 def get_job(name: str, service: Service) -> Any:
     return job_view(service.get(name))
 

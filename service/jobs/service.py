@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from schemas.jobs import Progress, TrainingJob, TrainingJobCreate
 from service.backends import BackendRegistry
 from service.datasets.repository import DatasetRepository
+from service.db.session import rows_affected
 from service.db.tables import DatasetTable, TrainingJobTable
 from service.db.types import utcnow
 from service.engine import HyperparameterError, KMeansHyperparameters
@@ -28,9 +29,7 @@ def transition(status: str, message: str | None = None) -> dict[str, Any]:
 
 
 def hyperparameter_error(exc: HyperparameterError) -> InvalidInput:
-    return InvalidInput(
-        str(exc), details=[{"parameter": p.parameter, "message": p.message} for p in exc.errors]
-    )
+    return InvalidInput(str(exc), details=[{"parameter": p.parameter, "message": p.message} for p in exc.errors])
 
 
 class JobService:
@@ -120,8 +119,8 @@ class JobService:
     def get(self, name: str) -> TrainingJobTable:
         return self.jobs.get(name)
 
-    def list(self, offset: int, limit: int, status: str | None) -> tuple[list[TrainingJobTable], int]:
-        return self.jobs.list(offset, limit, status)
+    def page(self, offset: int, limit: int, status: str | None) -> tuple[list[TrainingJobTable], int]:
+        return self.jobs.page(offset, limit, status)
 
     def stop(self, name: str) -> TrainingJobTable:
         """Pending jobs stop at once; running ones are asked to stop and become Stopping."""
@@ -129,27 +128,31 @@ class JobService:
         if job.status in FINAL_STATUSES:
             raise Conflict(f"training job {name!r} is already {job.status}", details={"status": job.status})
         now = utcnow()
-        stopped_now = self.session.execute(
-            update(TrainingJobTable)
-            .where(
-                TrainingJobTable.name == name,
-                TrainingJobTable.status == "Pending",
-                TrainingJobTable.lease_owner.is_(None),
+        stopped_now = rows_affected(
+            self.session.execute(
+                update(TrainingJobTable)
+                .where(
+                    TrainingJobTable.name == name,
+                    TrainingJobTable.status == "Pending",
+                    TrainingJobTable.lease_owner.is_(None),
+                )
+                .values(
+                    status="Stopped",
+                    secondary_status="Stopped",
+                    status_message="stopped before it started",
+                    stop_requested=True,
+                    ended_at=now,
+                    status_transitions=[*job.status_transitions, transition("Stopped", "stopped before it started")],
+                )
+                .execution_options(synchronize_session=False)
             )
-            .values(
-                status="Stopped",
-                secondary_status="Stopped",
-                status_message="stopped before it started",
-                stop_requested=True,
-                ended_at=now,
-                status_transitions=[*job.status_transitions, transition("Stopped", "stopped before it started")],
-            )
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        )
         if not stopped_now:
             self.session.execute(
                 update(TrainingJobTable)
-                .where(TrainingJobTable.name == name, TrainingJobTable.status.in_(("Pending", "InProgress", "Stopping")))
+                .where(
+                    TrainingJobTable.name == name, TrainingJobTable.status.in_(("Pending", "InProgress", "Stopping"))
+                )
                 .values(status="Stopping", secondary_status="Stopping", stop_requested=True, next_poll_at=None)
                 .execution_options(synchronize_session=False)
             )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from service.db.pagination import paginate
 from service.db.tables import EndpointTable, ModelTable
 from service.errors import NotFound
 
@@ -23,15 +24,20 @@ class ModelRepository:
             raise NotFound(f"model {model_id!r} not found", details={"model_id": model_id})
         return row
 
-    def list(self, offset: int, limit: int, name: str | None) -> tuple[list[ModelTable], int]:
+    def page(self, offset: int, limit: int, name: str | None) -> tuple[list[ModelTable], int]:
         query = select(ModelTable)
         if name is not None:
             query = query.where(ModelTable.name == name)
-        total = self.session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = self.session.scalars(
-            query.order_by(ModelTable.created_at.desc(), ModelTable.id).offset(offset).limit(limit)
-        ).all()
-        return list(rows), total
+        return paginate(
+            self.session,
+            query,
+            (
+                ModelTable.created_at.desc(),
+                ModelTable.id,
+            ),
+            offset,
+            limit,
+        )
 
     def using_dataset(self, dataset_id: str) -> list[str]:
         return list(self.session.scalars(select(ModelTable.id).where(ModelTable.train_dataset_id == dataset_id)).all())

@@ -8,21 +8,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.orm import Session
-from starlette.datastructures import UploadFile
 
-from schemas.common import Page, error_responses
+from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
+from schemas.datasets import no_control_chars
 from schemas.models import Assignments, Centroids, Model
 from service.deps import AppState, app_state, db_session
-from service.errors import RequestValidationFailed, UnsupportedMediaType
+from service.errors import UnsupportedMediaType
 from service.models.service import ModelService
+from service.request_bodies import read_upload
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 
 def model_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> ModelService:
-    return ModelService(session, state.store)
+    return ModelService(session, state.store, max_model_bytes=state.settings.max_model_bytes)
 
 
 Service = Annotated[ModelService, Depends(model_service)]
@@ -32,6 +33,8 @@ class ImportForm(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     feature_names: list[str] = Field(min_length=1)
     key_column: str | None = Field(default=None, max_length=256)
+
+    _check_name = field_validator("name")(no_control_chars)
 
     @field_validator("feature_names", mode="before")
     @classmethod
@@ -44,6 +47,8 @@ class ImportForm(BaseModel):
                     return json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"not a JSON list: {exc.msg}") from exc
+                except RecursionError as exc:
+                    raise ValueError("not a JSON list: nested too deeply") from exc
             return [part.strip() for part in text.split(",")]
         return value
 
@@ -76,12 +81,14 @@ _IMPORT_BODY: dict[str, Any] = {
 @router.get("", response_model=Page[Model], summary="List models, newest first", responses=error_responses(422))
 def list_models(
     service: Service,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 50,
     name: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Any:
-    rows, total = service.list(offset, limit, name)
-    return Page[Model](items=[Model.model_validate(r, from_attributes=True) for r in rows], total=total, offset=offset, limit=limit)
+    rows, total = service.page(offset, limit, name)
+    return Page[Model](
+        items=[Model.model_validate(r, from_attributes=True) for r in rows], total=total, offset=offset, limit=limit
+    )
 
 
 @router.post(
@@ -97,17 +104,10 @@ async def import_model(request: Request, service: Service) -> Any:
     the feature names; the model can then be deployed on a local endpoint."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise UnsupportedMediaType("send the model as multipart/form-data (fields file, name, feature_names)")
-    async with request.form(max_files=1, max_fields=10) as form:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise RequestValidationFailed("multipart field `file` (the model.tar.gz) is required")
-        try:
-            fields = ImportForm.model_validate({k: v for k, v in form.items() if isinstance(v, str)})
-        except ValidationError as exc:
-            details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-            raise RequestValidationFailed("the request does not match the API schema", details=details) from exc
-        data = await upload.read()
-    row = await run_in_threadpool(service.import_artifact, fields.name, data, fields.feature_names, fields.key_column)
+    upload, fields = await read_upload(request, ImportForm, "the model.tar.gz")
+    row = await run_in_threadpool(
+        service.import_artifact, fields.name, upload.data, fields.feature_names, fields.key_column
+    )
     return Model.model_validate(row, from_attributes=True)
 
 
@@ -130,7 +130,10 @@ def get_centroids(model_id: str, service: Service) -> Any:
     "/{model_id}/artifact",
     response_class=FileResponse,
     summary="Download the SageMaker-format model.tar.gz",
-    responses={200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}}, **error_responses(404, 422)},
+    responses={
+        200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+        **error_responses(404, 422),
+    },
 )
 def get_artifact(model_id: str, service: Service) -> FileResponse:
     row = service.get(model_id)
@@ -147,7 +150,9 @@ def get_assignments(
     model_id: str,
     service: Service,
     cluster: Annotated[int | None, Query(ge=0, description="Only rows of this cluster.")] = None,
-    dataset_id: Annotated[str | None, Query(max_length=40, description="Another dataset with the same features.")] = None,
+    dataset_id: Annotated[
+        str | None, Query(max_length=40, description="Another dataset with the same features.")
+    ] = None,
 ) -> Any:
     return service.assignments(service.get(model_id), dataset_id, cluster)
 
@@ -163,5 +168,3 @@ def delete_model(model_id: str, service: Service) -> Response:
     """Refused with 409 while an endpoint serves it."""
     service.delete(model_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-

@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from schemas.models import Assignments, Centroids, Model, OriginalUnits
+from schemas.models import Assignments, Centroids, OriginalUnits
 from service.backends.base import ServedModel, TrainedModel
 from service.datasets.parsing import check_column_names
 from service.datasets.repository import DatasetRepository
 from service.datasets.transforms import Table, column_lineage, require_numeric, unscale_column
+from service.db.session import rows_affected
 from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
 from service.engine import ModelFormatError, Prediction, predict, read_model_tar
 from service.errors import Conflict, InvalidInput
@@ -25,6 +26,7 @@ from service.models.repository import ModelRepository
 from service.storage import LocalArtifactStore
 
 MODEL_PREFIX = "models"
+DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024  # Settings.max_model_bytes
 PREDICT_BATCH_ROWS = 65_536
 
 
@@ -33,11 +35,14 @@ def artifact_key(model_id: str) -> str:
 
 
 class ModelService:
-    def __init__(self, session: Session, store: LocalArtifactStore) -> None:
+    def __init__(
+        self, session: Session, store: LocalArtifactStore, *, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    ) -> None:
         self.session = session
         self.models = ModelRepository(session)
         self.datasets = DatasetRepository(session)
         self.store = store
+        self.max_model_bytes = max_model_bytes
 
     def register_trained(
         self, job: TrainingJobTable, trained: TrainedModel, worker_id: str, job_values: dict[str, Any]
@@ -74,12 +79,14 @@ class ModelService:
                 artifact_size=len(trained.artifact),
             )
             self.models.add(row)
-            owned = self.session.execute(
-                update(TrainingJobTable)
-                .where(TrainingJobTable.name == job.name, TrainingJobTable.lease_owner == worker_id)
-                .values(**job_values, model_id=model_id)
-                .execution_options(synchronize_session=False)
-            ).rowcount
+            owned = rows_affected(
+                self.session.execute(
+                    update(TrainingJobTable)
+                    .where(TrainingJobTable.name == job.name, TrainingJobTable.lease_owner == worker_id)
+                    .values(**job_values, model_id=model_id)
+                    .execution_options(synchronize_session=False)
+                )
+            )
             if not owned:
                 self.session.rollback()
                 return None
@@ -90,7 +97,9 @@ class ModelService:
     def import_artifact(self, name: str, data: bytes, feature_names: list[str], key_column: str | None) -> ModelTable:
         """A SageMaker KMeans model.tar.gz becomes a model that can be deployed locally."""
         try:
-            centroids = read_model_tar(data)
+            # Capped: a gzip bomb or a member claiming gigabytes fails while streaming, unallocated.
+            cap = self.max_model_bytes
+            centroids = read_model_tar(data, max_member_bytes=cap, max_total_bytes=cap)
         except ModelFormatError as exc:
             raise InvalidInput(f"not a usable SageMaker KMeans model.tar.gz: {exc}") from exc
         check_column_names(feature_names)
@@ -128,8 +137,8 @@ class ModelService:
     def get(self, model_id: str) -> ModelTable:
         return self.models.get(model_id)
 
-    def list(self, offset: int, limit: int, name: str | None) -> tuple[list[ModelTable], int]:
-        return self.models.list(offset, limit, name)
+    def page(self, offset: int, limit: int, name: str | None) -> tuple[list[ModelTable], int]:
+        return self.models.page(offset, limit, name)
 
     def delete(self, model_id: str) -> None:
         row = self.models.get(model_id)
@@ -172,7 +181,9 @@ class ModelService:
         clusters: dict[str, int] = {}
         distances: dict[str, float] = {}
         for keys, prediction in predict_dataset(self.store, dataset, row.feature_names, np.asarray(row.centroids)):
-            for key, label, distance in zip(keys, prediction.closest_cluster, prediction.distance_to_cluster, strict=True):
+            for key, label, distance in zip(
+                keys, prediction.closest_cluster, prediction.distance_to_cluster, strict=True
+            ):
                 if cluster is None or label == cluster:
                     clusters[key] = int(label)
                     distances[key] = float(distance)
@@ -233,9 +244,11 @@ def predict_dataset(
     for batch in parquet.iter_batches(batch_size=PREDICT_BATCH_ROWS, columns=columns):
         frame = batch.to_pandas()
         matrix = frame_matrix(frame, features, f"dataset {dataset.id!r}")
-        keys = frame[dataset.key_column].astype(str).tolist() if dataset.key_column else [
-            str(offset + i) for i in range(len(frame))
-        ]
+        keys = (
+            frame[dataset.key_column].astype(str).tolist()
+            if dataset.key_column
+            else [str(offset + i) for i in range(len(frame))]
+        )
         offset += len(frame)
         yield keys, predict(matrix, centroids)
 

@@ -38,7 +38,11 @@ def test_upload_csv_infers_types_and_keeps_the_key_as_text(client: TestClient, s
         {"name": "UrbanPop", "dtype": "int64"},
         {"name": "Rape", "dtype": "float64"},
     ]
-    assert body["recipe"] == {"source": "upload", "filename": "crimes.csv", "columns": ["State", "Murder", "Assault", "UrbanPop", "Rape"]}
+    assert body["recipe"] == {
+        "source": "upload",
+        "filename": "crimes.csv",
+        "columns": ["State", "Murder", "Assault", "UrbanPop", "Rape"],
+    }
     assert body["id"].startswith("ds-")
 
 
@@ -54,7 +58,12 @@ def test_quoted_numbers_and_thousands_separators_are_numbers(client: TestClient,
 def test_json_body_creates_the_same_kind_of_dataset(client: TestClient) -> None:
     response = client.post(
         "/datasets",
-        json={"name": "j", "key_column": "k", "columns": ["k", "v", "w"], "rows": [["a", "1,000", None], ["b", 2.5, "x"]]},
+        json={
+            "name": "j",
+            "key_column": "k",
+            "columns": ["k", "v", "w"],
+            "rows": [["a", "1,000", None], ["b", 2.5, "x"]],
+        },
     )
     assert response.status_code == 201, response.text
     body = response.json()
@@ -89,8 +98,14 @@ def test_detail_has_a_summary_per_column(client: TestClient) -> None:
     detail = client.get(f"/datasets/{body['id']}").json()
     summary = {c["name"]: c for c in detail["summary"]}
     assert summary["v"] == {
-        "name": "v", "dtype": "float64", "count": 2, "null_count": 1, "min": 1.0, "max": 4.0,
-        "mean": 2.5, "std": pytest.approx(np.std([1, 4], ddof=1)),
+        "name": "v",
+        "dtype": "float64",
+        "count": 2,
+        "null_count": 1,
+        "min": 1.0,
+        "max": 4.0,
+        "mean": 2.5,
+        "std": pytest.approx(np.std([1, 4], ddof=1)),
     }
     assert summary["t"]["min"] == "x" and summary["t"]["mean"] is None
 
@@ -138,7 +153,14 @@ def test_workshop_data_prep(client: TestClient, sample_csv: dict[str, bytes]) ->
     workshop = workshop_dataset(client, sample_csv["crimes"], sample_csv["densities"])
     assert workshop["row_count"] == 50
     assert workshop["key_column"] == "State"
-    assert [c["name"] for c in workshop["columns"]] == ["State", "Murder", "Assault", "UrbanPop", "Rape", "DensityPerMile"]
+    assert [c["name"] for c in workshop["columns"]] == [
+        "State",
+        "Murder",
+        "Assault",
+        "UrbanPop",
+        "Rape",
+        "DensityPerMile",
+    ]
     assert all(c["dtype"] != "string" for c in workshop["columns"][1:])
 
     rows = client.get(f"/datasets/{workshop['id']}/rows", params={"limit": 50}).json()["rows"]
@@ -189,7 +211,10 @@ def test_dropna_and_fillna(client: TestClient) -> None:
     dropped = derive(client, body["id"], "d", [{"op": "dropna", "columns": ["a"]}])
     assert dropped["row_count"] == 2
     filled = derive(
-        client, body["id"], "f", [{"op": "fillna", "columns": ["a"]}, {"op": "fillna", "strategy": "constant", "value": 0}]
+        client,
+        body["id"],
+        "f",
+        [{"op": "fillna", "columns": ["a"]}, {"op": "fillna", "strategy": "constant", "value": 0}],
     )
     rows = client.get(f"/datasets/{filled['id']}/rows").json()["rows"]
     assert rows == [["r1", 1.0, 0.0], ["r2", 2.0, 5.0], ["r3", 3.0, 7.0]]
@@ -235,16 +260,22 @@ def test_bad_csv_is_refused_and_leaves_nothing(
 def test_key_column_problems(client: TestClient) -> None:
     assert_error(
         client.post("/datasets", files={"file": ("x.csv", SMALL)}, data={"name": "n", "key_column": "nope"}),
-        400, "invalid_input", "key column 'nope' is not one of the columns",
+        400,
+        "invalid_input",
+        "key column 'nope' is not one of the columns",
     )
     error = assert_error(
         client.post("/datasets", files={"file": ("x.csv", b"k,v\na,1\na,2\n")}, data={"name": "n", "key_column": "k"}),
-        400, "invalid_input", "duplicate values",
+        400,
+        "invalid_input",
+        "duplicate values",
     )
     assert error["details"]["duplicates"] == ["a"]
     assert_error(
         client.post("/datasets", files={"file": ("x.csv", b"k,v\na,1\n,2\n")}, data={"name": "n", "key_column": "k"}),
-        400, "invalid_input", "empty in row 1",
+        400,
+        "invalid_input",
+        "empty in row 1",
     )
     assert dataset_count(client) == 0
 
@@ -264,13 +295,32 @@ def test_upload_over_the_size_limit_is_413(tmp_path, database_url) -> None:  # t
 
 
 def test_malformed_requests(client: TestClient) -> None:
-    assert_error(client.post("/datasets", content=b"a,b", headers={"content-type": "text/csv"}), 415, "unsupported_media_type")
-    assert_error(client.post("/datasets", content=b"{", headers={"content-type": "application/json"}), 422, "validation_error", "not valid JSON")
-    assert_error(client.post("/datasets", json={"name": "x", "columns": ["a"], "rows": [[1, 2]]}), 400, "invalid_input", "row 0 has 2 values")
-    assert_error(client.post("/datasets", json={"name": "x", "columns": ["a"], "rows": [[True]]}), 422, "validation_error")
+    assert_error(
+        client.post("/datasets", content=b"a,b", headers={"content-type": "text/csv"}), 415, "unsupported_media_type"
+    )
+    assert_error(
+        client.post("/datasets", content=b"{", headers={"content-type": "application/json"}),
+        422,
+        "validation_error",
+        "not valid JSON",
+    )
+    assert_error(
+        client.post("/datasets", json={"name": "x", "columns": ["a"], "rows": [[1, 2]]}),
+        400,
+        "invalid_input",
+        "row 0 has 2 values",
+    )
+    assert_error(
+        client.post("/datasets", json={"name": "x", "columns": ["a"], "rows": [[True]]}), 422, "validation_error"
+    )
     assert_error(client.post("/datasets", json={"name": "", "columns": ["a"], "rows": [[1]]}), 422, "validation_error")
     assert_error(client.post("/datasets", files={"file": ("x.csv", SMALL)}, data={}), 422, "validation_error")
-    assert_error(client.post("/datasets", data={"name": "no-file"}, files={"other": ("x", b"1")}), 422, "validation_error", "`file`")
+    assert_error(
+        client.post("/datasets", data={"name": "no-file"}, files={"other": ("x", b"1")}),
+        422,
+        "validation_error",
+        "`file`",
+    )
     assert_error(client.get("/datasets", params={"limit": 0}), 422, "validation_error")
     assert dataset_count(client) == 0
 
@@ -287,7 +337,11 @@ def test_json_non_finite_numbers_are_refused(client: TestClient) -> None:
 def test_unknown_dataset_is_404_everywhere(client: TestClient) -> None:
     for path in ("/datasets/ds-x", "/datasets/ds-x/rows", "/datasets/ds-x/csv"):
         assert_error(client.get(path), 404, "not_found", "ds-x")
-    assert_error(client.post("/datasets/ds-x/derive", json={"name": "n", "steps": [{"op": "drop", "columns": ["a"]}]}), 404, "not_found")
+    assert_error(
+        client.post("/datasets/ds-x/derive", json={"name": "n", "steps": [{"op": "drop", "columns": ["a"]}]}),
+        404,
+        "not_found",
+    )
     assert_error(client.get("/no-such-route"), 404, "not_found")
 
 
@@ -308,7 +362,12 @@ def test_unknown_dataset_is_404_everywhere(client: TestClient) -> None:
 def test_bad_derive_steps(client: TestClient, settings: Settings, steps: list[dict], fragment: str) -> None:  # type: ignore[type-arg]
     body = upload_csv(client, "base", b"k,x,c,t\na,1,5,a\nb,2,5,b\n", "k")
     before = artifact_files(settings)
-    assert_error(client.post(f"/datasets/{body['id']}/derive", json={"name": "d", "steps": steps}), 400, "invalid_input", fragment)
+    assert_error(
+        client.post(f"/datasets/{body['id']}/derive", json={"name": "d", "steps": steps}),
+        400,
+        "invalid_input",
+        fragment,
+    )
     assert dataset_count(client) == 1
     assert artifact_files(settings) == before
 
@@ -332,8 +391,11 @@ def test_bad_joins(client: TestClient) -> None:
         response = client.post(f"/datasets/{base}/derive", json={"name": "j", "steps": [{"op": "join", **join}]})
         assert_error(response, 400, "invalid_input", fragment)
     assert_error(
-        client.post(f"/datasets/{left['id']}/derive", json={"name": "j", "steps": [{"op": "join", "dataset_id": "ds-nope"}]}),
-        404, "not_found",
+        client.post(
+            f"/datasets/{left['id']}/derive", json={"name": "j", "steps": [{"op": "join", "dataset_id": "ds-nope"}]}
+        ),
+        404,
+        "not_found",
     )
     assert dataset_count(client) == 6
 

@@ -42,14 +42,26 @@ def clusters_of(client: TestClient, model: dict) -> dict[str, int]:  # type: ign
 def test_lifecycle(client: TestClient, model: dict) -> None:  # type: ignore[type-arg]
     created = client.post("/endpoints", json={"name": "ep", "model_id": model["id"]})
     assert created.status_code == 202 and created.json()["status"] == "Creating"
-    assert_error(client.post("/endpoints/ep/invocations", content="0,0", headers={"content-type": "text/csv"}), 409, "conflict", "Creating")
+    assert_error(
+        client.post("/endpoints/ep/invocations", content="0,0", headers={"content-type": "text/csv"}),
+        409,
+        "conflict",
+        "Creating",
+    )
     run_worker_until_idle(client.app)
     assert client.get("/endpoints/ep").json()["status"] == "InService"
     assert client.get("/endpoints", params={"status": "InService"}).json()["total"] == 1
-    assert_error(client.post("/endpoints", json={"name": "ep", "model_id": model["id"]}), 409, "conflict", "already exists")
+    assert_error(
+        client.post("/endpoints", json={"name": "ep", "model_id": model["id"]}), 409, "conflict", "already exists"
+    )
     deleting = client.delete("/endpoints/ep")
     assert deleting.status_code == 202 and deleting.json()["status"] == "Deleting"
-    assert_error(client.post("/endpoints/ep/invocations", content="0,0", headers={"content-type": "text/csv"}), 409, "conflict", "Deleting")
+    assert_error(
+        client.post("/endpoints/ep/invocations", content="0,0", headers={"content-type": "text/csv"}),
+        409,
+        "conflict",
+        "Deleting",
+    )
     run_worker_until_idle(client.app)
     assert_error(client.get("/endpoints/ep"), 404, "not_found")
 
@@ -59,7 +71,9 @@ def test_unknown_things_are_404(client: TestClient, model: dict) -> None:  # typ
     for method, path in (("get", "/endpoints/x"), ("delete", "/endpoints/x")):
         assert_error(getattr(client, method)(path), 404, "not_found")
     assert_error(client.put("/endpoints/x", json={"model_id": model["id"]}), 404, "not_found")
-    assert_error(client.post("/endpoints/x/invocations", content="1,2", headers={"content-type": "text/csv"}), 404, "not_found")
+    assert_error(
+        client.post("/endpoints/x/invocations", content="1,2", headers={"content-type": "text/csv"}), 404, "not_found"
+    )
     assert_error(client.post("/endpoints/x/predictions", json={"rows": [{"x": 1, "y": 2}]}), 404, "not_found")
 
 
@@ -68,12 +82,28 @@ def test_unknown_things_are_404(client: TestClient, model: dict) -> None:  # typ
     [
         ("text/csv", "0.1,0.1\n10,0\n\n0,10.2\n"),
         ("text/csv; charset=utf-8", "0.1,0.1\n10,0\n0,10.2"),
-        ("application/json", json.dumps({"instances": [{"features": [0.1, 0.1]}, {"features": [10, 0]}, {"features": [0, 10.2]}]})),
-        ("application/json", json.dumps({"instances": [{"data": {"features": {"values": [0.1, 0.1]}}}, {"features": [10, 0]}, {"features": ["0", "10.2"]}]})),
+        (
+            "application/json",
+            json.dumps({"instances": [{"features": [0.1, 0.1]}, {"features": [10, 0]}, {"features": [0, 10.2]}]}),
+        ),
+        (
+            "application/json",
+            json.dumps(
+                {
+                    "instances": [
+                        {"data": {"features": {"values": [0.1, 0.1]}}},
+                        {"features": [10, 0]},
+                        {"features": ["0", "10.2"]},
+                    ]
+                }
+            ),
+        ),
         ("application/jsonlines", '{"features": [0.1, 0.1]}\n{"features": [10, 0]}\n{"features": [0, 10.2]}\n'),
     ],
 )
-def test_invocations_accept_sagemaker_request_formats(client: TestClient, model: dict, endpoint: dict, content_type: str, body: str) -> None:  # type: ignore[type-arg]
+def test_invocations_accept_sagemaker_request_formats(
+    client: TestClient, model: dict, endpoint: dict, content_type: str, body: str
+) -> None:  # type: ignore[type-arg]
     response = client.post("/endpoints/ep/invocations", content=body, headers={"content-type": content_type})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -91,12 +121,18 @@ def test_invocations_accept_sagemaker_request_formats(client: TestClient, model:
     [
         (None, "application/json", lambda text: [json.loads(text)["predictions"][0]["closest_cluster"]]),
         ("*/*", "application/json", lambda text: [json.loads(text)["predictions"][0]["closest_cluster"]]),
-        ("application/jsonlines", "application/jsonlines", lambda text: [json.loads(text.splitlines()[0])["closest_cluster"]]),
+        (
+            "application/jsonlines",
+            "application/jsonlines",
+            lambda text: [json.loads(text.splitlines()[0])["closest_cluster"]],
+        ),
         ("text/csv", "text/csv", lambda text: [float(text.splitlines()[0].split(",")[0])]),
         ("application/xml;q=0.9, text/csv;q=0.5", "text/csv", lambda text: [float(text.split(",")[0])]),
     ],
 )
-def test_invocations_answer_per_accept(client: TestClient, model: dict, endpoint: dict, accept: str | None, media: str, parse) -> None:  # type: ignore[no-untyped-def, type-arg]
+def test_invocations_answer_per_accept(
+    client: TestClient, model: dict, endpoint: dict, accept: str | None, media: str, parse
+) -> None:  # type: ignore[no-untyped-def, type-arg]
     headers = {"content-type": "text/csv"} | ({"accept": accept} if accept else {})
     response = client.post("/endpoints/ep/invocations", content="0.1,0.1\n", headers=headers)
     assert response.status_code == 200, response.text
@@ -115,35 +151,78 @@ def test_invocations_answer_per_accept(client: TestClient, model: dict, endpoint
         ({"content-type": "text/csv"}, "1,inf", 400, "invalid_input", "not a finite number"),
         ({"content-type": "text/csv"}, "1,1e309", 400, "invalid_input", "not a finite number"),
         ({"content-type": "text/csv"}, "", 400, "invalid_input", "empty"),
-        ({"content-type": "application/json"}, '{"instances": [{"features": [1, NaN]}]}', 400, "invalid_input", "not a finite number"),
-        ({"content-type": "application/json"}, '{"instances": [{"features": [1, true]}]}', 400, "invalid_input", "not a number"),
+        (
+            {"content-type": "application/json"},
+            '{"instances": [{"features": [1, NaN]}]}',
+            400,
+            "invalid_input",
+            "not a finite number",
+        ),
+        (
+            {"content-type": "application/json"},
+            '{"instances": [{"features": [1, true]}]}',
+            400,
+            "invalid_input",
+            "not a number",
+        ),
         ({"content-type": "application/json"}, '{"rows": []}', 400, "invalid_input", "instances"),
         ({"content-type": "application/json"}, '{"instances": [}', 400, "invalid_input", "not valid JSON"),
         ({"content-type": "application/json"}, '{"instances": []}', 400, "invalid_input", "no rows"),
-        ({"content-type": "application/jsonlines"}, '{"features": [1, 2]}\n{"x": 1}\n', 400, "invalid_input", "instance 1"),
+        (
+            {"content-type": "application/jsonlines"},
+            '{"features": [1, 2]}\n{"x": 1}\n',
+            400,
+            "invalid_input",
+            "instance 1",
+        ),
     ],
 )
-def test_bad_invocations(client: TestClient, endpoint: dict, headers: dict, body: str, status: int, code: str, fragment: str) -> None:  # type: ignore[type-arg]
+def test_bad_invocations(
+    client: TestClient, endpoint: dict, headers: dict, body: str, status: int, code: str, fragment: str
+) -> None:  # type: ignore[type-arg]
     assert_error(client.post("/endpoints/ep/invocations", content=body, headers=headers), status, code, fragment)
 
 
 def test_row_limit_is_413(tmp_path, database_url) -> None:  # type: ignore[no-untyped-def]
-    settings = Settings(data_dir=tmp_path, database_url=database_url, max_invocation_rows=5, embedded_worker=False, log_level="WARNING")
+    settings = Settings(
+        data_dir=tmp_path, database_url=database_url, max_invocation_rows=5, embedded_worker=False, log_level="WARNING"
+    )
     with TestClient(create_app(settings)) as client:
         blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
         deployed(client, trained_model(client, blobs["id"])["id"])
         too_many = "1,2\n" * 6
-        assert_error(client.post("/endpoints/ep/invocations", content=too_many, headers={"content-type": "text/csv"}), 413, "payload_too_large", "at most 5")
+        assert_error(
+            client.post("/endpoints/ep/invocations", content=too_many, headers={"content-type": "text/csv"}),
+            413,
+            "payload_too_large",
+            "at most 5",
+        )
         instances = json.dumps({"instances": [{"features": [1, 2]}] * 6})
-        assert_error(client.post("/endpoints/ep/invocations", content=instances, headers={"content-type": "application/json"}), 413, "payload_too_large")
-        assert_error(client.post("/endpoints/ep/predictions", json={"rows": [{"x": 1, "y": 2}] * 6}), 413, "payload_too_large")
-        assert_error(client.post("/endpoints/ep/predictions", json={"dataset_id": blobs["id"]}), 413, "payload_too_large")
-        assert client.post("/endpoints/ep/invocations", content="1,2\n" * 5, headers={"content-type": "text/csv"}).status_code == 200
+        assert_error(
+            client.post("/endpoints/ep/invocations", content=instances, headers={"content-type": "application/json"}),
+            413,
+            "payload_too_large",
+        )
+        assert_error(
+            client.post("/endpoints/ep/predictions", json={"rows": [{"x": 1, "y": 2}] * 6}), 413, "payload_too_large"
+        )
+        assert_error(
+            client.post("/endpoints/ep/predictions", json={"dataset_id": blobs["id"]}), 413, "payload_too_large"
+        )
+        assert (
+            client.post(
+                "/endpoints/ep/invocations", content="1,2\n" * 5, headers={"content-type": "text/csv"}
+            ).status_code
+            == 200
+        )
 
 
 def test_predictions_label_sort_and_count(client: TestClient, model: dict, endpoint: dict) -> None:  # type: ignore[type-arg]
     blobs_id = model["train_dataset_id"]
-    response = client.post("/endpoints/ep/predictions", json={"dataset_id": blobs_id, "sort": "cluster,distance", "include_distances": True})
+    response = client.post(
+        "/endpoints/ep/predictions",
+        json={"dataset_id": blobs_id, "sort": "cluster,distance", "include_distances": True},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     rows = body["predictions"]
@@ -154,7 +233,9 @@ def test_predictions_label_sort_and_count(client: TestClient, model: dict, endpo
         assert len(row["distances"]) == 3
         assert row["distances"][row["closest_cluster"]] == pytest.approx(row["distance_to_cluster"])
         assert min(row["distances"]) == pytest.approx(row["distance_to_cluster"])
-    reverse = client.post("/endpoints/ep/predictions", json={"dataset_id": blobs_id, "sort": "-distance"}).json()["predictions"]
+    reverse = client.post("/endpoints/ep/predictions", json={"dataset_id": blobs_id, "sort": "-distance"}).json()[
+        "predictions"
+    ]
     assert [r["distance_to_cluster"] for r in reverse] == sorted((r["distance_to_cluster"] for r in rows), reverse=True)
 
 
@@ -164,7 +245,10 @@ def test_predictions_from_rows_with_keys(client: TestClient, model: dict, endpoi
         json={"rows": [{"id": "near-b", "x": 10.1, "y": "0.2"}, {"id": "near-a", "x": 0, "y": 0}]},
     ).json()
     clusters = clusters_of(client, model)
-    assert [(p["key"], p["closest_cluster"]) for p in body["predictions"]] == [("near-b", clusters["b0"]), ("near-a", clusters["a0"])]
+    assert [(p["key"], p["closest_cluster"]) for p in body["predictions"]] == [
+        ("near-b", clusters["b0"]),
+        ("near-a", clusters["a0"]),
+    ]
     assert body["predictions"][0]["distances"] is None
     assert sum(body["cluster_counts"].values()) == 2 and len(body["cluster_counts"]) == 3
 
@@ -182,7 +266,9 @@ def test_predictions_from_rows_with_keys(client: TestClient, model: dict, endpoi
         ({"dataset_id": "ds-nope"}, 404, "ds-nope"),
     ],
 )
-def test_bad_prediction_requests(client: TestClient, endpoint: dict, request_body: dict, status: int, fragment: str) -> None:  # type: ignore[type-arg]
+def test_bad_prediction_requests(
+    client: TestClient, endpoint: dict, request_body: dict, status: int, fragment: str
+) -> None:  # type: ignore[type-arg]
     response = client.post("/endpoints/ep/predictions", json=request_body)
     if status == 200:
         assert response.status_code == 200, response.text
@@ -210,10 +296,15 @@ def test_switch_model_without_a_failed_request(settings: Settings, tmp_path) -> 
     settings = settings.model_copy(update={"embedded_worker": True, "worker_poll_interval": 0.05})
     app = create_app(settings)
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
-        blobs = http.post("/datasets", files={"file": ("b.csv", BLOBS_CSV)}, data={"name": "b", "key_column": "id"}).json()
+        blobs = http.post(
+            "/datasets", files={"file": ("b.csv", BLOBS_CSV)}, data={"name": "b", "key_column": "id"}
+        ).json()
         ids = []
         for name, k in (("first", 3), ("second", 2)):
-            http.post("/training-jobs", json={"name": name, "train_dataset_id": blobs["id"], "hyperparameters": {"k": k, "seed": 1}})
+            http.post(
+                "/training-jobs",
+                json={"name": name, "train_dataset_id": blobs["id"], "hyperparameters": {"k": k, "seed": 1}},
+            )
             job = wait_for(lambda n=name: http.get(f"/training-jobs/{n}").json(), lambda j: j["status"] == "Completed")
             ids.append(job["model_id"])
         http.post("/endpoints", json={"name": "ep", "model_id": ids[0]})
@@ -225,7 +316,9 @@ def test_switch_model_without_a_failed_request(settings: Settings, tmp_path) -> 
         def hammer() -> None:
             with httpx.Client(base_url=server.url, timeout=30) as own:
                 while not stop.is_set():
-                    response = own.post("/endpoints/ep/invocations", content="0,0\n10,0\n", headers={"content-type": "text/csv"})
+                    response = own.post(
+                        "/endpoints/ep/invocations", content="0,0\n10,0\n", headers={"content-type": "text/csv"}
+                    )
                     statuses.append(response.status_code)
 
         threads = [threading.Thread(target=hammer) for _ in range(3)]

@@ -62,7 +62,14 @@ def test_list_filters_by_status_and_paginates(client: TestClient, blobs: dict) -
 
 def test_duplicate_name_is_409(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
     start_job(client, "same", blobs["id"])
-    assert_error(client.post("/training-jobs", json={"name": "same", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 2}}), 409, "conflict", "already exists")
+    assert_error(
+        client.post(
+            "/training-jobs", json={"name": "same", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 2}}
+        ),
+        409,
+        "conflict",
+        "already exists",
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,14 +94,20 @@ def test_duplicate_name_is_409(client: TestClient, blobs: dict) -> None:  # type
         ({"test_dataset_id": "ds-nope"}, 404, "not_found", "ds-nope"),
     ],
 )
-def test_bad_submissions_create_nothing(client: TestClient, blobs: dict, body: dict, status: int, code: str, fragment: str) -> None:  # type: ignore[type-arg]
+def test_bad_submissions_create_nothing(
+    client: TestClient, blobs: dict, body: dict, status: int, code: str, fragment: str
+) -> None:  # type: ignore[type-arg]
     request = {"name": "bad", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 3}, **body}
     assert_error(client.post("/training-jobs", json=request), status, code, fragment)
     assert client.get("/training-jobs").json()["total"] == 0
 
 
 def test_hyperparameter_errors_list_every_problem(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
-    request = {"name": "bad", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 3, "epochs": 0, "mini_batch_size": "x"}}
+    request = {
+        "name": "bad",
+        "train_dataset_id": blobs["id"],
+        "hyperparameters": {"k": 3, "epochs": 0, "mini_batch_size": "x"},
+    }
     error = assert_error(client.post("/training-jobs", json=request), 400, "invalid_input")
     assert {d["parameter"] for d in error["details"]} == {"epochs", "mini_batch_size"}
 
@@ -103,15 +116,27 @@ def test_features_with_nulls_are_refused(client: TestClient) -> None:
     holes = upload_csv(client, "holes", b"id,x\na,1\nb,\nc,3\n", "id")
     assert_error(
         client.post("/training-jobs", json={"name": "j", "train_dataset_id": holes["id"], "hyperparameters": {"k": 2}}),
-        400, "invalid_input", "nulls",
+        400,
+        "invalid_input",
+        "nulls",
     )
 
 
 def test_test_set_must_have_the_features(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
     other = upload_csv(client, "other", b"id,z\na,1\n", "id")
     assert_error(
-        client.post("/training-jobs", json={"name": "j", "train_dataset_id": blobs["id"], "test_dataset_id": other["id"], "hyperparameters": {"k": 2}}),
-        400, "invalid_input", "not in the test dataset",
+        client.post(
+            "/training-jobs",
+            json={
+                "name": "j",
+                "train_dataset_id": blobs["id"],
+                "test_dataset_id": other["id"],
+                "hyperparameters": {"k": 2},
+            },
+        ),
+        400,
+        "invalid_input",
+        "not in the test dataset",
     )
 
 

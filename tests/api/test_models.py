@@ -24,7 +24,9 @@ from tests.helpers import (
 SAGEMAKER_ARTIFACT = Path(__file__).resolve().parent.parent / "data" / "kmeans-k10-d2-model.tar.gz"
 
 
-def import_model(client: TestClient, data: bytes, feature_names: str, name: str = "imported", expect: int = 201) -> dict:  # type: ignore[type-arg]
+def import_model(
+    client: TestClient, data: bytes, feature_names: str, name: str = "imported", expect: int = 201
+) -> dict:  # type: ignore[type-arg]
     response = client.post(
         "/models/import",
         files={"file": ("model.tar.gz", data, "application/gzip")},
@@ -101,14 +103,18 @@ def test_import_accepts_json_feature_names(client: TestClient) -> None:
     ],
 )
 def test_bad_imports_are_refused(client: TestClient, data: bytes, names: str, fragment: str) -> None:
-    response = client.post("/models/import", files={"file": ("m.tar.gz", data)}, data={"name": "x", "feature_names": names})
+    response = client.post(
+        "/models/import", files={"file": ("m.tar.gz", data)}, data={"name": "x", "feature_names": names}
+    )
     assert_error(response, 400, "invalid_input", fragment)
     assert client.get("/models").json()["total"] == 0
 
 
 def test_import_needs_multipart_with_fields(client: TestClient) -> None:
     assert_error(client.post("/models/import", json={"name": "x"}), 415, "unsupported_media_type")
-    assert_error(client.post("/models/import", files={"file": ("m", b"x")}, data={"name": "x"}), 422, "validation_error")
+    assert_error(
+        client.post("/models/import", files={"file": ("m", b"x")}, data={"name": "x"}), 422, "validation_error"
+    )
 
 
 def test_assignments_map_keys_to_clusters(client: TestClient) -> None:
@@ -123,7 +129,9 @@ def test_assignments_map_keys_to_clusters(client: TestClient) -> None:
     assert set(only["clusters"]) == {f"c{i}" for i in range(20)}
     assert only["counts"] == {str(cluster): 20}
     assert all(d < 1 for d in only["distances"].values())
-    assert_error(client.get(f"/models/{model['id']}/assignments", params={"cluster": 3}), 400, "invalid_input", "between 0 and 2")
+    assert_error(
+        client.get(f"/models/{model['id']}/assignments", params={"cluster": 3}), 400, "invalid_input", "between 0 and 2"
+    )
 
 
 def test_delete_is_refused_while_deployed(client: TestClient) -> None:

@@ -14,9 +14,9 @@ from service.datasets.transforms import Table, apply_steps, replay, scale_values
 values = st.lists(
     st.floats(allow_nan=False, allow_infinity=False, min_value=-1e9, max_value=1e9), min_size=2, max_size=50
 )
-ranges = st.tuples(
-    st.floats(min_value=-100, max_value=100), st.floats(min_value=0.01, max_value=100)
-).map(lambda pair: (pair[0], pair[0] + pair[1]))
+ranges = st.tuples(st.floats(min_value=-100, max_value=100), st.floats(min_value=0.01, max_value=100)).map(
+    lambda pair: (pair[0], pair[0] + pair[1])
+)
 
 
 def no_join(_: str) -> tuple[Table, dict]:  # type: ignore[type-arg]

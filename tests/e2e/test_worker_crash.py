@@ -55,6 +55,8 @@ def test_sigkill_mid_training_then_restart_completes_exactly_once(settings: Sett
         assert done["attempts"] == 2
         assert done["progress"]["points_processed"] == done["progress"]["points_total"]
         with client.app.state.centroid.database.session() as session:
-            models = session.scalar(select(func.count()).select_from(ModelTable).where(ModelTable.training_job_name == "crash"))
+            models = session.scalar(
+                select(func.count()).select_from(ModelTable).where(ModelTable.training_job_name == "crash")
+            )
         assert models == 1
         assert client.get("/models").json()["total"] == 1

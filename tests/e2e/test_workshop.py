@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +49,9 @@ def _ready(client: httpx.Client, process, tmp_path: Path) -> bool:  # type: igno
 
 def upload(api: httpx.Client, name: str) -> str:
     with open(SAMPLE_DATA / f"{name}.csv", "rb") as handle:
-        response = api.post("/datasets", files={"file": (f"{name}.csv", handle, "text/csv")}, data={"name": name, "key_column": "State"})
+        response = api.post(
+            "/datasets", files={"file": (f"{name}.csv", handle, "text/csv")}, data={"name": name, "key_column": "State"}
+        )
     assert response.status_code == 201, response.text
     return response.json()["id"]  # type: ignore[no-any-return]
 
@@ -64,18 +65,28 @@ def derive(api: httpx.Client, dataset_id: str, body: dict) -> dict:  # type: ign
 def test_the_workshop_end_to_end(api: httpx.Client) -> None:
     # Steps 5-8: load, scale density to [-1, 1], join on State, five features.
     crimes, densities = upload(api, "crimes"), upload(api, "densities")
-    scaled = derive(api, densities, {"name": "densities-scaled", "steps": [{"op": "scale", "columns": ["DensityPerMile"]}]})
+    scaled = derive(
+        api, densities, {"name": "densities-scaled", "steps": [{"op": "scale", "columns": ["DensityPerMile"]}]}
+    )
     workshop = derive(
         api,
         crimes,
-        {"name": "workshop", "steps": [{"op": "join", "dataset_id": scaled["id"]}, {"op": "select", "columns": WORKSHOP_FEATURES}]},
+        {
+            "name": "workshop",
+            "steps": [{"op": "join", "dataset_id": scaled["id"]}, {"op": "select", "columns": WORKSHOP_FEATURES}],
+        },
     )
     assert workshop["row_count"] == 50
 
     # Train k = 10 and wait for Completed.
-    job = api.post("/training-jobs", json={"name": "crime-k10", "train_dataset_id": workshop["id"], "hyperparameters": HYPERPARAMETERS})
+    job = api.post(
+        "/training-jobs",
+        json={"name": "crime-k10", "train_dataset_id": workshop["id"], "hyperparameters": HYPERPARAMETERS},
+    )
     assert job.status_code == 202, job.text
-    done = wait_for(lambda: api.get("/training-jobs/crime-k10").json(), lambda j: j["status"] in ("Completed", "Failed"))
+    done = wait_for(
+        lambda: api.get("/training-jobs/crime-k10").json(), lambda j: j["status"] in ("Completed", "Failed")
+    )
     assert done["status"] == "Completed", done
     model_id = done["model_id"]
 
@@ -115,7 +126,9 @@ def test_the_workshop_end_to_end(api: httpx.Client) -> None:
     # The SageMaker-style contract gives the same answers for the raw feature rows.
     csv_rows = "\n".join(",".join(repr(float(v)) for v in row) for row in matrix)
     invoked = api.post("/endpoints/crime/invocations", content=csv_rows, headers={"Content-Type": "text/csv"}).json()
-    assert [p["closest_cluster"] for p in invoked["predictions"]] == [float(by_state[s]["closest_cluster"]) for s in table.index]
+    assert [p["closest_cluster"] for p in invoked["predictions"]] == [
+        float(by_state[s]["closest_cluster"]) for s in table.index
+    ]
 
     # Other services: the key -> cluster map.
     assignments = api.get(f"/models/{model_id}/assignments").json()

@@ -210,9 +210,7 @@ def test_validate_against_data_shape() -> None:
         hp.validate_against(n_rows=50, n_features=5)
     assert {p.parameter for p in caught.value.errors} == {"k", "feature_dim"}
     assert "k: must be <= the number of training rows (50), got 60" in str(caught.value)
-    assert "feature_dim: must equal the number of columns of the training data (5), got 4" in str(
-        caught.value
-    )
+    assert "feature_dim: must equal the number of columns of the training data (5), got 4" in str(caught.value)
     KMeansHyperparameters(k=50, feature_dim=5).validate_against(n_rows=50, n_features=5)
 
 

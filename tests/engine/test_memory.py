@@ -38,14 +38,10 @@ _MEASURE = textwrap.dedent(
 
 def _write(path: Path, rows: int, rng: np.random.Generator) -> None:
     """Write ``rows`` x COLUMNS float64 in 50,000-row groups without holding it all in memory."""
-    with pq.ParquetWriter(
-        path, pa.schema([(f"c{i}", pa.float64()) for i in range(COLUMNS)])
-    ) as writer:
+    with pq.ParquetWriter(path, pa.schema([(f"c{i}", pa.float64()) for i in range(COLUMNS)])) as writer:
         for start in range(0, rows, 250_000):
             chunk = rng.normal(size=(min(250_000, rows - start), COLUMNS))
-            writer.write_table(
-                pa.table({f"c{i}": chunk[:, i] for i in range(COLUMNS)}), row_group_size=50_000
-            )
+            writer.write_table(pa.table({f"c{i}": chunk[:, i] for i in range(COLUMNS)}), row_group_size=50_000)
 
 
 def test_fitting_a_parquet_file_uses_a_fraction_of_its_size(tmp_path: Path) -> None:

@@ -49,27 +49,19 @@ def test_reads_the_real_state(state_file: bytes) -> None:
 
 
 @pytest.mark.parametrize("member", ["model_algo-1", "state"])
-def test_real_files_round_trip_byte_for_byte(
-    artifact_members: dict[str, bytes], member: str
-) -> None:
+def test_real_files_round_trip_byte_for_byte(artifact_members: dict[str, bytes], member: str) -> None:
     (name,) = [name for name in artifact_members if name.startswith(member)]
     raw = artifact_members[name]
     assert write_ndarray_list(read_ndarray_list(raw)) == raw
 
 
-def test_read_model_tar_on_the_real_artifact(
-    artifact_bytes: bytes, artifact_members: dict[str, bytes]
-) -> None:
+def test_read_model_tar_on_the_real_artifact(artifact_bytes: bytes, artifact_members: dict[str, bytes]) -> None:
     centers = read_model_tar(artifact_bytes)
     assert centers.dtype == np.float32
-    np.testing.assert_array_equal(
-        centers, read_ndarray_list(artifact_members["model_algo-1"]).arrays[0]
-    )
+    np.testing.assert_array_equal(centers, read_ndarray_list(artifact_members["model_algo-1"]).arrays[0])
 
 
-def test_written_model_matches_the_real_layout(
-    artifact_bytes: bytes, artifact_members: dict[str, bytes]
-) -> None:
+def test_written_model_matches_the_real_layout(artifact_bytes: bytes, artifact_members: dict[str, bytes]) -> None:
     """Rewriting SageMaker's centers gives SageMaker's model_algo-1 bytes exactly."""
     ours = write_model_tar(read_model_tar(artifact_bytes))
     with tarfile.open(fileobj=io.BytesIO(ours)) as archive:
@@ -91,9 +83,7 @@ def test_model_tar_round_trip_and_determinism() -> None:
     np.testing.assert_array_equal(read_model_tar(data), centers.astype(np.float32))
 
 
-def test_reducing_sagemakers_state_matches_its_model(
-    artifact_bytes: bytes, state_file: bytes
-) -> None:
+def test_reducing_sagemakers_state_matches_its_model(artifact_bytes: bytes, state_file: bytes) -> None:
     """Our reduction of SageMaker's 100 weighted centers is as good as SageMaker's own 10."""
     weights, points = (array.astype(np.float64) for array in read_ndarray_list(state_file).arrays)
     weights = weights[:, 0]
@@ -104,10 +94,7 @@ def test_reducing_sagemakers_state_matches_its_model(
         return float((weights * squared.min(axis=1)).sum())
 
     hp = KMeansHyperparameters(k=10, feature_dim=2)
-    ratios = [
-        inertia(reduce_centers(points, weights, hp, seed=seed)) / inertia(sagemaker)
-        for seed in range(5)
-    ]
+    ratios = [inertia(reduce_centers(points, weights, hp, seed=seed)) / inertia(sagemaker) for seed in range(5)]
     # Measured: 0.99 to 1.036 over seeds 0-4; SageMaker's own answer is itself one local optimum.
     assert max(ratios) <= 1.05
     assert min(ratios) <= 1.0
@@ -116,9 +103,7 @@ def test_reducing_sagemakers_state_matches_its_model(
 @given(
     arrays=st.lists(
         hnp.arrays(
-            dtype=st.sampled_from(
-                [np.float32, np.float64, np.float16, np.uint8, np.int32, np.int8, np.int64]
-            ),
+            dtype=st.sampled_from([np.float32, np.float64, np.float16, np.uint8, np.int32, np.int8, np.int64]),
             shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),
         ),
         max_size=4,
@@ -143,9 +128,7 @@ def _header(count: int) -> bytes:
     return struct.pack("<QQQ", 0x112, 0, count)
 
 
-def _array(
-    ndim: int, dims: list[int], type_flag: int = 0, *, storage: int = 0, data: bytes = b""
-) -> bytes:
+def _array(ndim: int, dims: list[int], type_flag: int = 0, *, storage: int = 0, data: bytes = b"") -> bytes:
     return (
         struct.pack("<Ii", V2_MAGIC, storage)
         + struct.pack(f"<i{len(dims)}q", ndim, *dims)
@@ -210,9 +193,7 @@ def test_random_headers_never_crash(
 
 @settings(max_examples=300)
 @given(data=st.data())
-def test_truncated_or_flipped_real_files_never_crash(
-    data: st.DataObject, artifact_members: dict[str, bytes]
-) -> None:
+def test_truncated_or_flipped_real_files_never_crash(data: st.DataObject, artifact_members: dict[str, bytes]) -> None:
     raw = bytearray(data.draw(st.sampled_from(sorted(artifact_members.values()))))
     if data.draw(st.booleans()):
         raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
@@ -226,9 +207,7 @@ def test_truncated_or_flipped_real_files_never_crash(
 
 @settings(max_examples=200)
 @given(data=st.data())
-def test_truncated_or_flipped_archives_never_crash(
-    data: st.DataObject, artifact_bytes: bytes
-) -> None:
+def test_truncated_or_flipped_archives_never_crash(data: st.DataObject, artifact_bytes: bytes) -> None:
     raw = bytearray(artifact_bytes)
     if data.draw(st.booleans()):
         raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
@@ -257,9 +236,7 @@ def _model_payload() -> bytes:
 
 def test_accepts_dot_slash_names_and_plain_tar() -> None:
     payload = _model_payload()
-    np.testing.assert_array_equal(
-        read_model_tar(_tar([(tarfile.TarInfo("./model_algo-1"), payload)])), np.ones((2, 3))
-    )
+    np.testing.assert_array_equal(read_model_tar(_tar([(tarfile.TarInfo("./model_algo-1"), payload)])), np.ones((2, 3)))
     np.testing.assert_array_equal(
         read_model_tar(_tar([(tarfile.TarInfo("model_algo-1"), payload)], compress=False)),
         np.ones((2, 3)),
@@ -285,9 +262,7 @@ def _link(name: str, kind: bytes) -> tarfile.TarInfo:
         ([(tarfile.TarInfo("model_algo-1"), b"garbage")], "truncated"),
     ],
 )
-def test_unsafe_or_wrong_archives_are_refused(
-    members: list[tuple[tarfile.TarInfo, bytes]], message: str
-) -> None:
+def test_unsafe_or_wrong_archives_are_refused(members: list[tuple[tarfile.TarInfo, bytes]], message: str) -> None:
     with pytest.raises(ModelFormatError, match=message):
         read_model_tar(_tar(members))
 
@@ -326,9 +301,7 @@ def test_size_caps_stop_gzip_bombs() -> None:
     np.testing.assert_array_equal(read_model_tar(bomb), np.ones((2, 3)))  # within the default caps
 
 
-@pytest.mark.parametrize(
-    "junk", [b"", b"\x1f\x8b", b"\x1f\x8bnot gzip at all", b"hello world" * 100]
-)
+@pytest.mark.parametrize("junk", [b"", b"\x1f\x8b", b"\x1f\x8bnot gzip at all", b"hello world" * 100])
 def test_non_archives_raise_model_format_error(junk: bytes) -> None:
     with pytest.raises(ModelFormatError):
         read_model_tar(junk)

@@ -26,17 +26,11 @@ def assert_matches_brute_force(X: np.ndarray, centers: np.ndarray) -> None:
     # brute force, which sums in a different order); where the minimum is clear, labels agree.
     np.testing.assert_allclose(chosen, best, rtol=1e-12, atol=1e-12)
     ranked = np.sort(expected, axis=1)
-    clear = (
-        ranked[:, 1] - ranked[:, 0] > 1e-9 * (1 + ranked[:, 0])
-        if len(centers) > 1
-        else np.ones(len(X), bool)
-    )
+    clear = ranked[:, 1] - ranked[:, 0] > 1e-9 * (1 + ranked[:, 0]) if len(centers) > 1 else np.ones(len(X), bool)
     np.testing.assert_array_equal(result.closest_cluster[clear], expected.argmin(axis=1)[clear])
     np.testing.assert_allclose(result.distance_to_cluster, best, rtol=1e-12, atol=1e-12)
     assert result.distances is not None
-    np.testing.assert_allclose(
-        result.distances, expected, rtol=1e-6, atol=1e-6 * (1 + np.abs(X).max())
-    )
+    np.testing.assert_allclose(result.distances, expected, rtol=1e-6, atol=1e-6 * (1 + np.abs(X).max()))
 
 
 def test_matches_brute_force_on_random_data() -> None:
@@ -128,11 +122,7 @@ def test_property_matches_brute_force(X: np.ndarray, k: int, seed: int) -> None:
 
 def test_empty_input_gives_empty_prediction() -> None:
     result = predict(np.empty((0, 2)), [[0.0, 0.0], [1.0, 1.0]], all_distances=True)
-    assert (
-        result.closest_cluster.shape == (0,)
-        and result.distances is not None
-        and result.distances.shape == (0, 2)
-    )
+    assert result.closest_cluster.shape == (0,) and result.distances is not None and result.distances.shape == (0, 2)
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,7 @@ from service.engine.sources import as_batch_source, checked_batches, rebatch
 
 def write_parquet(path: Path, X: np.ndarray, *, row_group_size: int = 7) -> list[str]:
     columns = [f"f{i}" for i in range(X.shape[1])]
-    table = pa.table(
-        {name: X[:, i] for i, name in enumerate(columns)} | {"label": np.arange(len(X)).astype(str)}
-    )
+    table = pa.table({name: X[:, i] for i, name in enumerate(columns)} | {"label": np.arange(len(X)).astype(str)})
     pq.write_table(table, path, row_group_size=row_group_size)
     return columns
 
@@ -90,9 +88,7 @@ def test_parquet_source_casts_ints_floats_and_bools(tmp_path: Path) -> None:
         ([], "no feature columns"),
     ],
 )
-def test_parquet_source_rejects_bad_columns(
-    tmp_path: Path, columns: list[str], message: str
-) -> None:
+def test_parquet_source_rejects_bad_columns(tmp_path: Path, columns: list[str], message: str) -> None:
     write_parquet(tmp_path / "x.parquet", np.zeros((3, 2)))
     with pytest.raises(EngineInputError, match=message):
         ParquetBatchSource(tmp_path / "x.parquet", columns)
@@ -106,14 +102,9 @@ def test_parquet_nulls_are_reported(tmp_path: Path) -> None:
 
 def test_checked_batches_are_float64_and_locate_non_finite_values() -> None:
     X = np.ones((10, 3), dtype=np.float32)
-    assert all(
-        b.dtype == np.float64 and b.flags.c_contiguous
-        for b in checked_batches(ArrayBatchSource(X), 4)
-    )
+    assert all(b.dtype == np.float64 and b.flags.c_contiguous for b in checked_batches(ArrayBatchSource(X), 4))
     X[6, 2] = np.nan
-    with pytest.raises(
-        EngineInputError, match="training batch 1: non-finite value nan at row 6, column 2"
-    ):
+    with pytest.raises(EngineInputError, match="training batch 1: non-finite value nan at row 6, column 2"):
         list(checked_batches(ArrayBatchSource(X), 4))
 
 

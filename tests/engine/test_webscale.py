@@ -46,9 +46,7 @@ def sklearn_msd(X: np.ndarray, k: int) -> float:
 
 
 @pytest.mark.parametrize("init_method", ["random", "kmeans++"])
-def test_recovers_well_separated_blobs(
-    blobs: tuple[np.ndarray, np.ndarray], init_method: str
-) -> None:
+def test_recovers_well_separated_blobs(blobs: tuple[np.ndarray, np.ndarray], init_method: str) -> None:
     X, y = blobs
     model = fit(X, k=6, mini_batch_size=1000, init_method=init_method, seed=0)
     assert adjusted_rand_score(y, model.predict(X).closest_cluster) >= 0.99
@@ -58,9 +56,7 @@ def test_workshop_quality_close_to_sklearn(workshop_matrix: np.ndarray) -> None:
     """50 states x 5 features, k=10 (the workshop). Measured over seeds 0-9: ratios 0.96-1.10,
     median 1.00 (seeds 0-4: median 1.01, max 1.10)."""
     reference = sklearn_msd(workshop_matrix, 10)
-    ratios = [
-        fit(workshop_matrix, k=10, seed=seed).metrics_.train_msd / reference for seed in range(5)
-    ]
+    ratios = [fit(workshop_matrix, k=10, seed=seed).metrics_.train_msd / reference for seed in range(5)]
     assert np.median(ratios) <= 1.05
     assert max(ratios) <= 1.15
 
@@ -81,9 +77,7 @@ def test_local_centers_and_weights(blobs: tuple[np.ndarray, np.ndarray]) -> None
     X, _ = blobs
     model = fit(X, k=6, extra_center_factor=3, mini_batch_size=500, epochs=2, seed=1)
     assert model.local_centers_.shape == (18, 4)
-    assert model.local_weights_.sum() == pytest.approx(
-        2 * len(X)
-    )  # every point counted once per epoch
+    assert model.local_weights_.sum() == pytest.approx(2 * len(X))  # every point counted once per epoch
     assert model.cluster_centers_.shape == (6, 4) and model.cluster_centers_.dtype == np.float32
 
 
@@ -144,9 +138,7 @@ def test_zero_weight_centers_are_dropped_or_kept_to_reach_k() -> None:
     X = np.repeat(np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 0.0]]), 20, axis=0)
     model = fit(X, k=3, seed=0)  # 30 local centers, only 3 distinct values get weight
     assert (model.local_weights_ == 0).sum() == 27
-    np.testing.assert_allclose(
-        np.sort(model.cluster_centers_, axis=0), [[0, 0], [5, 0], [9, 5]], atol=1e-6
-    )
+    np.testing.assert_allclose(np.sort(model.cluster_centers_, axis=0), [[0, 0], [5, 0], [9, 5]], atol=1e-6)
     lopsided = np.vstack([np.zeros((100, 2)), [[5.0, 5.0]], [[9.0, 0.0]]])
     with pytest.warns(Warning):  # scikit-learn notes it found fewer distinct clusters than k
         few = fit(lopsided, k=3, extra_center_factor=1, init_method="random", seed=1)
@@ -215,12 +207,8 @@ def test_different_seeds_differ() -> None:
 
 
 def test_parquet_stream_equals_in_memory_fit(tmp_path: Path) -> None:
-    X = np.random.default_rng(0).normal(size=(5000, 3)) + np.repeat(
-        np.eye(3) * 8, [1700, 1700, 1600], axis=0
-    )
-    pq.write_table(
-        pa.table({f"c{i}": X[:, i] for i in range(3)}), tmp_path / "x.parquet", row_group_size=999
-    )
+    X = np.random.default_rng(0).normal(size=(5000, 3)) + np.repeat(np.eye(3) * 8, [1700, 1700, 1600], axis=0)
+    pq.write_table(pa.table({f"c{i}": X[:, i] for i in range(3)}), tmp_path / "x.parquet", row_group_size=999)
     hp = KMeansHyperparameters(k=3, feature_dim=3, mini_batch_size=256, epochs=2, seed=11)
     streamed = WebScaleKMeans(hp).fit(
         ParquetBatchSource(tmp_path / "x.parquet"), test=ParquetBatchSource(tmp_path / "x.parquet")
@@ -288,9 +276,7 @@ def test_stop_is_also_honoured_during_evaluation() -> None:
 def test_non_finite_values_are_located() -> None:
     X = np.random.default_rng(0).normal(size=(1000, 2))
     X[734, 1] = np.inf
-    with pytest.raises(
-        EngineInputError, match="training batch 7: non-finite value inf at row 734, column 1"
-    ):
+    with pytest.raises(EngineInputError, match="training batch 7: non-finite value inf at row 734, column 1"):
         fit(X, k=3, mini_batch_size=100)
 
 
@@ -342,9 +328,7 @@ def test_predict_before_fit() -> None:
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # < k distinct points
 @settings(max_examples=25, deadline=None)
 @given(
-    X=hnp.arrays(
-        np.float64, st.tuples(st.integers(4, 60), st.integers(1, 4)), elements=st.floats(-100, 100)
-    ),
+    X=hnp.arrays(np.float64, st.tuples(st.integers(4, 60), st.integers(1, 4)), elements=st.floats(-100, 100)),
     k=st.integers(2, 4),
     mini_batch_size=st.integers(1, 70),
     epochs=st.integers(1, 2),
@@ -373,7 +357,5 @@ def test_any_valid_input_gives_k_finite_centers_and_consistent_metrics(
     assert model.cluster_centers_.shape == (k, X.shape[1])
     assert np.isfinite(model.cluster_centers_).all()
     assert sum(model.metrics_.cluster_sizes) == len(X)
-    assert model.metrics_.train_msd == pytest.approx(
-        msd(X, model.cluster_centers_), rel=1e-9, abs=1e-12
-    )
+    assert model.metrics_.train_msd == pytest.approx(msd(X, model.cluster_centers_), rel=1e-9, abs=1e-12)
     assert model.metrics_.train_ssd == pytest.approx(model.metrics_.train_msd * len(X))
