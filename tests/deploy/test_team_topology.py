@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import centroid_process, free_port, wait_for
-from tests.test_readme import ROOT, walkthrough_script
+from tests.test_readme import run_walkthrough, server_ready
 
 pytestmark = [
     pytest.mark.skipif(not PG_ADMIN_URL, reason="needs PostgreSQL: set CENTROID_TEST_DATABASE_URL (CI does)"),
@@ -54,21 +54,10 @@ def test_deploy_section_against_api_and_two_workers(tmp_path: Path, database_url
     processes = [api, *workers]
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _ready(base), lambda ok: ok, timeout=60, interval=0.2)
+        wait_for(lambda: server_ready(base), lambda ok: ok, timeout=60, interval=0.2)
         assert httpx.get(f"{base}/datasets").status_code == 401
-        script = "\n".join(
-            [
-                "set -euo pipefail",
-                f"KEY={key}",
-                # The Deploy section's function, plus --fail-with-body so any error stops the script.
-                'curl() { command curl --fail-with-body --max-time 60 -H "Authorization: Bearer $KEY" "$@"; }',
-                walkthrough_script().replace("API=http://127.0.0.1:8000", f"API={base}"),
-            ]
-        )
-        workdir = tmp_path / "checkout"
-        workdir.mkdir()
-        (workdir / "service").symlink_to(ROOT / "service")
-        result = subprocess.run(["bash", "-c", script], cwd=workdir, capture_output=True, text=True, timeout=300)
+        # The Deploy section's curl function: every request carries the key.
+        result = run_walkthrough(base, tmp_path, curl_headers=f'-H "Authorization: Bearer {key}"')
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert '"cluster_counts"' in result.stdout
         worker_logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
@@ -79,10 +68,3 @@ def test_deploy_section_against_api_and_two_workers(tmp_path: Path, database_url
         for process in processes:
             process.wait(60)
     assert all(process.returncode in (0, -signal.SIGTERM) for process in processes)
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False

@@ -37,6 +37,8 @@ from workers.worker import Worker
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
+PREFIX = "centroid-test"
+KMEANS_IMAGE_US_EAST_1 = "382416733822.dkr.ecr.us-east-1.amazonaws.com/kmeans:1"
 BUCKET = "centroid-test-bucket"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/centroid-sagemaker"
 FAKE_KEY_ID = "AKIAFAKEKEYID0000000"
@@ -133,7 +135,7 @@ def sm_settings(settings: Settings, moto_url: str) -> Settings:
             "aws_region": REGION,
             "sagemaker_role_arn": ROLE,
             "s3_bucket": BUCKET,
-            "s3_prefix": "centroid-test",
+            "s3_prefix": PREFIX,
             "aws_endpoint_url": moto_url,
             "remote_poll_seconds": 0.001,
         }

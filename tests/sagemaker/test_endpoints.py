@@ -17,6 +17,8 @@ from tests.sagemaker.conftest import (
     FAKE_KEY_ID,
     FAKE_SECRET,
     FAKE_TOKEN,
+    KMEANS_IMAGE_US_EAST_1,
+    PREFIX,
     ROLE,
     FakeSageMaker,
     backend_of,
@@ -26,8 +28,6 @@ from tests.sagemaker.conftest import (
 )
 from workers.worker import Worker
 
-PREFIX = "centroid-test"
-KMEANS_IMAGE_US_EAST_1 = "382416733822.dkr.ecr.us-east-1.amazonaws.com/kmeans:1"
 CSV = {"content-type": "text/csv"}
 
 

@@ -17,6 +17,8 @@ from service.settings import Settings
 from tests.helpers import BLOBS_CSV, assert_error, deployed, upload_csv
 from tests.sagemaker.conftest import (
     BUCKET,
+    KMEANS_IMAGE_US_EAST_1,
+    PREFIX,
     ROLE,
     FakeSageMaker,
     backend_of,
@@ -26,8 +28,6 @@ from tests.sagemaker.conftest import (
 )
 from workers.worker import Worker
 
-PREFIX = "centroid-test"
-KMEANS_IMAGE_US_EAST_1 = "382416733822.dkr.ecr.us-east-1.amazonaws.com/kmeans:1"
 CENTERS = np.array([[0.2, 0.1], [10.2, 0.1], [0.2, 10.1]])
 TEST_CSV = b"id,x,y\nt0,0.5,0.5\nt1,9.5,0.5\nt2,0.5,9.5\nt3,1.25,0.75\n"
 
