@@ -1,12 +1,12 @@
 """Load test: a real ``centroid serve`` on 127.0.0.1 under a mixed load, checked for lost work.
 
     python benchmarks/load_test.py --seconds 60                 # the documented full run (SQLite)
-    python benchmarks/load_test.py --seconds 60 --separate-worker \\
+    python benchmarks/load_test.py --seconds 60 --separate-worker --kill-worker-at 20 \\
         --database-url postgresql+psycopg://postgres@127.0.0.1:5432/centroid_load
 
 It starts ``centroid serve`` as a subprocess (embedded worker on; or ``--no-worker`` plus one
-``centroid worker`` process with ``--separate-worker``) on a fresh data directory, trains one
-model and deploys it on two endpoints, then:
+``centroid worker`` process with ``--separate-worker``) on a fresh data directory, with a short
+job lease (``--lease-seconds``, 5), trains one model and deploys it on two endpoints, then:
 
 1. **baselines**, same process, same client, same payloads: *idle* — both endpoints invoked one
    request at a time on the idle server; *invocations only* — ``--concurrency`` invokers and
@@ -14,19 +14,27 @@ model and deploys it on two endpoints, then:
 2. **load**: for ``--seconds`` runs, concurrently, ``--concurrency`` invokers (text/csv on
    ``ep-csv`` and JSON on ``ep-json``), one client that submits training jobs, one that uploads
    CSV datasets, and one that asks for predictions and reads (GET) jobs, datasets and endpoints;
+   with ``--kill-worker-at SECONDS`` (needs ``--separate-worker``), that far into the load a
+   slower job (``KILL_TARGET_TRAINING``) is submitted and, as soon as ``GET
+   /training-jobs?status=InProgress`` shows the worker training it, the ``centroid worker`` is
+   SIGKILLed and a replacement started at once with the same environment;
 3. **checks**: no 5xx (nor any other unexpected status or transport error); every accepted job
    reaches a final state within ``--drain-seconds`` and each Completed job has exactly one model;
-   every uploaded dataset is listed and readable with the right row count.
+   every uploaded dataset is listed and readable with the right row count; after a kill, the job
+   the killed worker held was still InProgress just after the kill, then retaken (one more
+   attempt) and Completed with one model.
 
 It prints p50/p95/p99 invocation latency under load and their ratios to both baselines,
-throughput and status counts, and exits 1 if a check failed. Timings are reported, never judged:
-the machine decides them. ``tests/reliability/test_load.py`` runs a few seconds of it in CI.
+throughput and status counts (and what the kill did), and exits 1 if a check failed. Timings are
+reported, never judged: the machine decides them. ``tests/reliability/test_load.py`` runs a few
+seconds of it in CI, with the kill on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -54,6 +62,11 @@ TRAIN_ROWS = 300
 UPLOAD_ROWS = 2_000
 INVOKE_ROWS = 5
 TRAINING = {"k": 3, "seed": 1}
+# The job the worker is killed in, submitted when the kill is due: the same data and k in many small
+# mini-batches (1-2 s of training on a 2-CPU VM), so the kill, sent as soon as the worker has
+# taken it, lands mid-training — the submitter's own jobs train in ~20 ms and would mostly be missed.
+KILL_TARGET_TRAINING = {**TRAINING, "mini_batch_size": 10, "epochs": 500}
+KILL_HOLD_TIMEOUT = 30.0  # bound on the wait for the worker to take the kill target
 EXPECTED = {
     "invoke-csv": {200},
     "invoke-json": {200},
@@ -77,18 +90,60 @@ def free_port() -> int:
 class Server:
     url: str
     data_dir: Path
-    logs: list[Path]
-    processes: list[subprocess.Popen[bytes]]
+    work_dir: Path
+    env: dict[str, str]
+    logs: list[Path] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    commands: list[list[str]] = field(default_factory=list)
+    killed: set[int] = field(default_factory=set)  # indices into ``processes`` killed on purpose
 
     def log_text(self) -> str:
         return "\n".join(path.read_text(errors="replace") for path in self.logs if path.exists())
 
+    def start(self, command: list[str]) -> subprocess.Popen[bytes]:
+        """``centroid <command>`` with the server's environment, logging to its own file."""
+        log_path = self.work_dir / f"{command[0]}-{len(self.processes)}.log"
+        self.logs.append(log_path)
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", *command],
+                cwd=REPO,
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes.append(process)
+        self.commands.append(command)
+        return process
+
+    def kill_and_replace_worker(self) -> tuple[int, int]:
+        """SIGKILL the running ``centroid worker`` and start another with the same environment.
+
+        Returns the pids of the killed and of the new worker."""
+        index = next(
+            i
+            for i, (command, process) in enumerate(zip(self.commands, self.processes, strict=True))
+            if command[0] == "worker" and i not in self.killed and process.poll() is None
+        )
+        victim = self.processes[index]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(30)
+        self.killed.add(index)
+        return victim.pid, self.start(self.commands[index]).pid
+
 
 @contextmanager
 def centroid_server(
-    work_dir: Path, database_url: str | None = None, separate_worker: bool = False, startup_timeout: float = 60.0
+    work_dir: Path,
+    database_url: str | None = None,
+    separate_worker: bool = False,
+    startup_timeout: float = 60.0,
+    lease_seconds: float = 5.0,
 ) -> Iterator[Server]:
-    """``centroid serve`` (and optionally a ``centroid worker``) as subprocesses; stopped with SIGTERM."""
+    """``centroid serve`` (and optionally a ``centroid worker``) as subprocesses; stopped with SIGTERM.
+
+    The job lease is short (``lease_seconds``, the default is 60 s): a job whose worker was killed
+    is taken over that long after the worker's last heartbeat, so the drain after a kill is quick."""
     port = free_port()
     data_dir = work_dir / "data"
     env = {
@@ -97,31 +152,19 @@ def centroid_server(
         "CENTROID_LOG_LEVEL": "WARNING",
         "CENTROID_LOG_FORMAT": "text",
         "CENTROID_WORKER_POLL_INTERVAL": "0.2",
+        "CENTROID_LEASE_SECONDS": str(lease_seconds),
     }
     env.pop("CENTROID_DATABASE_URL", None)
     env.pop("DATABASE_URL", None)
     if database_url:
         env["CENTROID_DATABASE_URL"] = database_url
-    commands = [["serve", "--host", "127.0.0.1", "--port", str(port), *(["--no-worker"] if separate_worker else [])]]
-    if separate_worker:
-        commands.append(["worker"])
-    server = Server(f"http://127.0.0.1:{port}", data_dir, [], [])
+    server = Server(f"http://127.0.0.1:{port}", data_dir, work_dir, env)
     try:
-        for index, command in enumerate(commands):
-            log_path = work_dir / f"{command[0]}-{index}.log"
-            server.logs.append(log_path)
-            with open(log_path, "ab") as log_file:
-                server.processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "service.cli", *command],
-                        cwd=REPO,
-                        env=env,
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            if index == 0:
-                _wait_ready(server, startup_timeout)
+        no_worker = ["--no-worker"] if separate_worker else []
+        server.start(["serve", "--host", "127.0.0.1", "--port", str(port), *no_worker])
+        _wait_ready(server, startup_timeout)
+        if separate_worker:
+            server.start(["worker"])
         yield server
     finally:
         for process in reversed(server.processes):
@@ -283,11 +326,28 @@ async def baseline(client: httpx.AsyncClient, requests: int) -> Recorder:
 
 
 @dataclass
+class Kill:
+    """What the worker kill did: when, to which process, and which jobs the killed worker held."""
+
+    requested_at: float  # seconds into the load phase
+    target_job: str
+    at: float = float("nan")  # when the SIGKILL was sent, seconds into the load phase
+    killed_pid: int = 0
+    replacement_pid: int = 0
+    held: dict[str, dict[str, Any]] = field(default_factory=dict)  # job name -> its view just before the kill
+    after_kill: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... and just after
+    final: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... and after the drain
+    models: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoadOutcome:
     recorder: Recorder
     seconds: float
     jobs: list[str]
     datasets: dict[str, int]
+    kill: Kill | None = None
 
 
 async def load(
@@ -299,12 +359,15 @@ async def load(
     job_interval: float,
     upload_interval: float,
     mixed: bool = True,
+    server: Server | None = None,
+    kill_worker_at: float | None = None,
 ) -> LoadOutcome:
     recorder = Recorder()
     jobs: list[str] = []
     datasets: dict[str, int] = {}
     started = time.monotonic()
     deadline = started + seconds
+    kill = None if kill_worker_at is None else Kill(kill_worker_at, f"{run_id}-kill-target")
 
     async def invoker(index: int) -> None:
         n = 0
@@ -360,9 +423,38 @@ async def load(
             n += 1
             await asyncio.sleep(0.02)
 
-    others = (submitter(), uploader(), reader()) if mixed else ()
+    async def killer(kill: Kill, server: Server) -> None:
+        """Mid-load: SIGKILL the `centroid worker` while it trains, start a replacement at once."""
+        await asyncio.sleep(max(0.0, started + kill.requested_at - time.monotonic()))
+        body = {"name": kill.target_job, "train_dataset_id": train_dataset_id, "hyperparameters": KILL_TARGET_TRAINING}
+        response = await recorder.call("submit-job", client, "POST", "/training-jobs", json=body)
+        if response is not None and response.status_code == 202:
+            jobs.append(kill.target_job)
+        # Which jobs the worker holds just before the kill: the InProgress ones (one worker, so
+        # normally one). Kill as soon as the kill target is among them: mid-training.
+        give_up = time.monotonic() + KILL_HOLD_TIMEOUT
+        while True:
+            response = await recorder.call(
+                "get", client, "GET", "/training-jobs", params={"status": "InProgress", "limit": 100}
+            )
+            held = {} if response is None or response.status_code != 200 else response.json()["items"]
+            kill.held = {job["name"]: job for job in held}
+            if kill.target_job in kill.held or time.monotonic() > give_up:
+                break
+            await asyncio.sleep(0.02)
+        kill.at = time.monotonic() - started
+        kill.killed_pid, kill.replacement_pid = await asyncio.to_thread(server.kill_and_replace_worker)
+        for name in kill.held:
+            response = await recorder.call("get", client, "GET", f"/training-jobs/{name}")
+            if response is not None and response.status_code == 200:
+                kill.after_kill[name] = response.json()
+
+    others = [submitter(), uploader(), reader()] if mixed else []
+    if mixed and kill is not None:
+        assert server is not None, "killing the worker needs the server"
+        others.append(killer(kill, server))
     await asyncio.gather(*(invoker(i) for i in range(concurrency)), *others)
-    return LoadOutcome(recorder, time.monotonic() - started, jobs, datasets)
+    return LoadOutcome(recorder, time.monotonic() - started, jobs, datasets, kill)
 
 
 async def _all_pages(client: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
@@ -425,7 +517,30 @@ async def verify(client: httpx.AsyncClient, outcome: LoadOutcome, drain_timeout:
             dataset_problems.append(f"dataset {dataset_id} unreadable: {detail.status_code} {page.status_code}")
         elif detail.json()["row_count"] != rows or page.json()["total"] != rows or len(page.json()["rows"]) != 1:
             dataset_problems.append(f"dataset {dataset_id} does not hold its {rows} rows")
+    if outcome.kill is not None:
+        check_kill(outcome.kill, jobs, models_by_job)
     return Verification(final, sorted(pending), model_problems, dataset_problems, drained)
+
+
+def check_kill(kill: Kill, jobs: dict[str, dict[str, Any]], models_by_job: Counter[str]) -> None:
+    """The jobs the killed worker held were retaken and Completed, once."""
+    if not kill.held:
+        kill.problems.append(f"the worker held no job when it was killed (waited {KILL_HOLD_TIMEOUT:.0f} s)")
+    elif kill.target_job not in kill.held:
+        kill.problems.append(f"the kill target {kill.target_job} was not InProgress when the worker was killed")
+    for name, before in kill.held.items():
+        after = kill.after_kill.get(name, {})
+        if after.get("status") != "InProgress" or after.get("attempts") != before["attempts"]:
+            kill.problems.append(
+                f"job {name} was no longer held when the kill landed: {after.get('status')},"
+                f" attempts {after.get('attempts')}"
+            )
+        kill.final[name] = final = jobs.get(name, {})
+        kill.models[name] = models_by_job[name]
+        if final.get("status") != "Completed" or models_by_job[name] != 1:
+            kill.problems.append(f"job {name} ended {final.get('status')} with {models_by_job[name]} models")
+        elif final["attempts"] <= before["attempts"]:
+            kill.problems.append(f"job {name} was not retaken after the kill (attempts {final['attempts']})")
 
 
 # --- the whole run ------------------------------------------------------------------------------------
@@ -453,6 +568,7 @@ class Result:
     dataset_problems: list[str]
     drain_seconds: float
     log_findings: list[str]
+    kill: Kill | None = None
 
     @property
     def ok(self) -> bool:
@@ -464,6 +580,7 @@ class Result:
             or self.model_problems
             or self.dataset_problems
             or self.log_findings
+            or (self.kill is not None and self.kill.problems)
         )
 
     def ratio(self, kind: str, stat: str, baseline: str = "idle") -> float:
@@ -479,6 +596,7 @@ async def _run(
     drain_timeout: float,
     job_interval: float,
     upload_interval: float,
+    kill_worker_at: float | None,
 ) -> tuple[Recorder, LoadOutcome, LoadOutcome, Verification]:
     run_id = f"load{int(time.time())}"
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
@@ -489,7 +607,17 @@ async def _run(
         solo = await load(
             client, run_id, train_id, baseline_seconds, concurrency, job_interval, upload_interval, mixed=False
         )
-        outcome = await load(client, run_id, train_id, seconds, concurrency, job_interval, upload_interval)
+        outcome = await load(
+            client,
+            run_id,
+            train_id,
+            seconds,
+            concurrency,
+            job_interval,
+            upload_interval,
+            server=server,
+            kill_worker_at=kill_worker_at,
+        )
         verification = await verify(client, outcome, drain_timeout)
     return idle, solo, outcome, verification
 
@@ -505,10 +633,16 @@ def run(
     job_interval: float = 0.5,
     upload_interval: float = 0.5,
     work_dir: Path | None = None,
+    kill_worker_at: float | None = None,
+    lease_seconds: float = 5.0,
 ) -> Result:
+    if kill_worker_at is not None and not separate_worker:
+        raise ValueError("kill_worker_at needs separate_worker: the embedded worker is the API process")
+    if kill_worker_at is not None and not 0 <= kill_worker_at < seconds:
+        raise ValueError(f"kill_worker_at must be within the load phase (0 to {seconds} s), not {kill_worker_at}")
     with tempfile.TemporaryDirectory(prefix="centroid-load-") as scratch:
         directory = work_dir or Path(scratch)
-        with centroid_server(directory, database_url, separate_worker) as server:
+        with centroid_server(directory, database_url, separate_worker, lease_seconds=lease_seconds) as server:
             idle, solo, outcome, verification = asyncio.run(
                 _run(
                     server,
@@ -519,12 +653,17 @@ def run(
                     drain_timeout,
                     job_interval,
                     upload_interval,
+                    kill_worker_at,
                 )
             )
-            alive = [p.poll() is None for p in server.processes]
+            alive = {
+                f"`centroid {server.commands[i][0]}` (pid {process.pid})": process.poll() is None
+                for i, process in enumerate(server.processes)
+                if i not in server.killed
+            }
         log = server.log_text()
     findings = [f"{needle!r} in the server log" for needle in ("database is locked", "Traceback") if needle in log]
-    findings += [f"process {i} died during the run" for i, up in enumerate(alive) if not up]
+    findings += [f"{name} died during the run" for name, up in alive.items() if not up]
     recorder = outcome.recorder
     kinds = ("invoke-csv", "invoke-json")
     invocations = sum(len(recorder.latencies.get(kind, [])) for kind in kinds)
@@ -533,7 +672,8 @@ def run(
         seconds=outcome.seconds,
         concurrency=concurrency,
         database=(database_url or "sqlite").split(":")[0],
-        worker="separate `centroid worker`" if separate_worker else "embedded",
+        worker=("separate `centroid worker`" if separate_worker else "embedded")
+        + ("" if kill_worker_at is None else f", SIGKILLed at {kill_worker_at:g} s and replaced"),
         idle={kind: percentiles(idle.latencies.get(kind, [])) for kind in kinds},
         solo={kind: percentiles(solo.recorder.latencies.get(kind, [])) for kind in kinds},
         loaded={kind: percentiles(recorder.latencies.get(kind, [])) for kind in kinds},
@@ -554,6 +694,7 @@ def run(
         dataset_problems=verification.dataset_problems,
         drain_seconds=verification.drain_seconds,
         log_findings=findings,
+        kill=outcome.kill,
     )
 
 
@@ -594,6 +735,7 @@ def report(result: Result) -> str:
         f"jobs: {result.jobs_accepted} accepted, final {result.jobs_final}, lost {len(result.jobs_lost)}"
         f" (drained in {result.drain_seconds:.1f} s); model problems: {len(result.model_problems)}",
         f"datasets: {result.datasets_uploaded} uploaded, problems: {len(result.dataset_problems)}",
+        *kill_report(result.kill),
         f"server log: {', '.join(result.log_findings) or 'clean'}",
     ]
     for problem in [
@@ -601,10 +743,36 @@ def report(result: Result) -> str:
         *result.jobs_lost[:10],
         *result.model_problems[:10],
         *result.dataset_problems[:10],
+        *(result.kill.problems if result.kill else []),
     ]:
         lines.append(f"  ! {problem}")
     lines.append(f"RESULT: {'PASS' if result.ok else 'FAIL'}")
     return "\n".join(lines)
+
+
+def kill_report(kill: Kill | None) -> list[str]:
+    if kill is None:
+        return []
+    lines = [
+        f"worker kill: SIGKILL to `centroid worker` pid {kill.killed_pid} at {kill.at:.1f} s into the load"
+        f" (asked: {kill.requested_at:g} s); replacement pid {kill.replacement_pid} started at once"
+    ]
+    if not kill.held:
+        lines.append("  it held no job")
+    for name, before in kill.held.items():
+        after, final = kill.after_kill.get(name, {}), kill.final.get(name, {})
+        progress = before["progress"]
+        lines.append(
+            f"  it held {name}: {before['status']}, attempt {before['attempts']},"
+            f" {progress['points_processed']}/{progress['points_total']} points, {before.get('status_message')};"
+            f" just after the kill: {after.get('status')}"
+        )
+        lines.append(
+            f"  afterwards: {name} {final.get('status')} (attempts {final.get('attempts')},"
+            f" {kill.models.get(name, 0)} model, {final.get('training_seconds')} s of training)"
+        )
+    lines.append(f"kill problems: {len(kill.problems)}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -620,8 +788,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-seconds", type=float, default=180.0, help="bound on the wait for jobs to finish")
     parser.add_argument("--job-interval", type=float, default=0.5, help="seconds between job submissions")
     parser.add_argument("--upload-interval", type=float, default=0.5, help="seconds between dataset uploads")
+    parser.add_argument(
+        "--kill-worker-at",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="this long into the load phase, SIGKILL the `centroid worker` mid-training and start a replacement"
+        " (needs --separate-worker)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=5.0,
+        help="the servers' CENTROID_LEASE_SECONDS: how soon a killed worker's job is retaken (default 5)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    if args.kill_worker_at is not None:
+        if not args.separate_worker:
+            parser.error("--kill-worker-at needs --separate-worker (the embedded worker is the API process itself)")
+        if not 0 <= args.kill_worker_at < args.seconds:
+            parser.error(f"--kill-worker-at must be within the load phase: 0 <= SECONDS < --seconds ({args.seconds:g})")
     result = run(
         seconds=args.seconds,
         concurrency=args.concurrency,
@@ -632,10 +819,12 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout=args.drain_seconds,
         job_interval=args.job_interval,
         upload_interval=args.upload_interval,
+        kill_worker_at=args.kill_worker_at,
+        lease_seconds=args.lease_seconds,
     )
     print(report(result))
     if args.json:
-        args.json.write_text(json.dumps(result.__dict__, indent=2, default=str))
+        args.json.write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str))
     return 0 if result.ok else 1
 
 

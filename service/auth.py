@@ -1,4 +1,5 @@
-"""API-key authentication: ``Authorization: Bearer <key>``, two scopes, checked before the body is read.
+"""API-key authentication: ``Authorization: Bearer <key>``, two scopes, checked before the body is read
+(by :class:`service.middleware.EdgeMiddleware`).
 
 Keys are configured as SHA-256 hashes (``CENTROID_API_KEYS``); a presented key is hashed and
 compared with every configured hash in constant time, so neither timing nor the error tells which
@@ -14,10 +15,7 @@ import re
 import secrets
 from typing import Any
 
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from service.errors import Forbidden, Unauthorized, error_body
+from service.errors import Forbidden, Unauthorized
 from service.settings import ApiKeyEntry
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -71,30 +69,6 @@ class Authenticator:
         if scope == "admin" and entry.scope != "admin":
             raise Forbidden(f"this operation needs an `admin` key; key {entry.name!r} has scope `{entry.scope}`")
         return entry
-
-
-class ApiKeyMiddleware:
-    """Refuse unauthenticated requests before any of their body is read."""
-
-    def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
-        self.app = app
-        self.authenticator = authenticator
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.authenticator.enabled:
-            await self.app(scope, receive, send)
-            return
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", [])}
-        try:
-            entry = self.authenticator.check(scope["method"], scope["path"], headers.get("authorization"))
-        except (Unauthorized, Forbidden) as error:
-            extra = {"www-authenticate": "Bearer"} if isinstance(error, Unauthorized) else {}
-            response = JSONResponse(error_body(error.code, error.message), status_code=error.status_code, headers=extra)
-            await response(scope, receive, send)
-            return
-        if entry is not None:
-            scope.setdefault("state", {})["api_key"] = entry.name
-        await self.app(scope, receive, send)
 
 
 def document_security(schema: dict[str, Any]) -> dict[str, Any]:

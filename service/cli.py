@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.main import create_app
     from service.settings import get_settings
 
     settings = get_settings()
@@ -23,15 +30,105 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    uvicorn.run(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+    }
+    if args.workers == 1:
+        with _metrics_dir(create=False):
+            from service.main import create_app
+
+            uvicorn.run(create_app(settings), **options)
+        return 0
+    return _serve_processes(args.workers, settings, options)
+
+
+def _serve_processes(workers: int, settings: Settings, options: dict[str, Any]) -> int:
+    """N uvicorn processes on one socket. Each builds its app from the environment (``service.main:app``),
+    so what this command decided travels as environment variables; the schema is brought up to date
+    here, once, before they start (N processes migrating a fresh SQLite file at once would collide).
+    Only one of them runs the embedded worker (``service.process_role``)."""
+    import uvicorn
+
+    from service.logging_setup import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    _upgrade_database(settings)
+    overrides = {} if settings.embedded_worker else {"CENTROID_EMBEDDED_WORKER": "false"}
+    with _environment(overrides), _metrics_dir(create=True):
+        uvicorn.run("service.main:app", workers=workers, **options)
     return 0
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the processes started inside the block; restore them after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _metrics_dir(create: bool) -> Iterator[None]:
+    """prometheus_client's multiprocess directory: the one in PROMETHEUS_MULTIPROC_DIR if set (emptied
+    of the previous run's files, as the library requires), else with ``create`` a fresh temporary one,
+    exported for the server processes and removed afterwards. (Without either: one process, one
+    in-memory registry.)"""
+    import tempfile
+
+    from service.metrics import MULTIPROCESS_DIR_ENV
+
+    given = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink(missing_ok=True)
+        yield
+        return
+    if not create:
+        yield
+        return
+    path = Path(tempfile.mkdtemp(prefix="centroid-metrics-"))
+    try:
+        with _environment({MULTIPROCESS_DIR_ENV: str(path)}):
+            yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _upgrade_database(settings: Settings) -> str | None:
+    """Apply the migrations; return the revision the database is at."""
+    from service.db.migrate import current_revision, upgrade_to_head
+    from service.db.session import Database
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.resolved_database_url)
+    try:
+        upgrade_to_head(database.engine)
+        return current_revision(database.engine)
+    finally:
+        database.dispose()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _is_loopback(host: str) -> bool:
@@ -79,16 +176,9 @@ def _worker(_: argparse.Namespace) -> int:
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
-    from service.db.migrate import current_revision, upgrade_to_head
-    from service.db.session import Database
     from service.settings import get_settings
 
-    settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    database = Database(settings.resolved_database_url)
-    upgrade_to_head(database.engine)
-    print(f"database at revision {current_revision(database.engine)}")
-    database.dispose()
+    print(f"database at revision {_upgrade_database(get_settings())}")
     return 0
 
 
@@ -105,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument(
         "--no-worker", action="store_true", help="do not run the embedded worker (run `centroid worker` instead)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="number of API processes sharing the port (default: 1); one of them runs the embedded worker",
     )
     serve.set_defaults(handler=_serve)
 

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from service.backends import BackendRegistry
 from service.db.session import Database
-from service.endpoints.cache import ModelCache
+from service.endpoints.cache import ModelCache, ServingCatalog
+from service.endpoints.serving import ServingService
 from service.metrics import Metrics
 from service.settings import Settings
 from service.storage import LocalArtifactStore
@@ -30,6 +31,8 @@ class AppState:
     backends: BackendRegistry
     model_cache: ModelCache
     metrics: Metrics
+    catalog: ServingCatalog
+    serving: ServingService
 
 
 def app_state(request: Request) -> AppState:

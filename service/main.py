@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import health
-from service.auth import ApiKeyMiddleware, Authenticator
+from service.auth import Authenticator
 from service.backends import build_backends
 from service.backends import router as backends_router
 from service.datasets import router as datasets_router
@@ -18,12 +18,13 @@ from service.db.migrate import upgrade_to_head
 from service.db.session import Database
 from service.deps import AppState
 from service.endpoints import router as endpoints_router
-from service.endpoints.cache import ModelCache
+from service.endpoints.cache import ModelCache, ServingCatalog
+from service.endpoints.serving import ServingService
 from service.errors import install_error_handlers
 from service.jobs import router as jobs_router
 from service.logging_setup import configure_logging
 from service.metrics import Metrics
-from service.middleware import BodySizeLimitMiddleware, ContentEncodingMiddleware, RequestLogMiddleware
+from service.middleware import EdgeMiddleware
 from service.models import router as models_router
 from service.models.service import sweep_orphan_artifacts
 from service.openapi import build_openapi
@@ -44,13 +45,20 @@ Every error has the body `{"error": {"code", "message", "details", "request_id"}
 
 def build_state(settings: Settings) -> AppState:
     database = Database(settings.resolved_database_url)
+    store = LocalArtifactStore(settings.resolved_artifact_dir)
+    backends = build_backends(settings)
+    model_cache = ModelCache()
+    metrics = Metrics(database)
+    catalog = ServingCatalog(database, store, model_cache, settings.serving_refresh_seconds)
     return AppState(
         settings=settings,
         database=database,
-        store=LocalArtifactStore(settings.resolved_artifact_dir),
-        backends=build_backends(settings),
-        model_cache=ModelCache(),
-        metrics=Metrics(database),
+        store=store,
+        backends=backends,
+        model_cache=model_cache,
+        metrics=metrics,
+        catalog=catalog,
+        serving=ServingService(catalog, backends, settings, metrics, database),
     )
 
 
@@ -73,7 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start_up(state)
-        worker = EmbeddedWorker(state) if settings.embedded_worker else None
+        state.catalog.start()
+        from service.process_role import ElectedWorker  # one embedded worker per data dir (serve --workers N)
+        worker = ElectedWorker(settings.data_dir, EmbeddedWorker(state)) if settings.embedded_worker else None
         if worker is not None:
             worker.start()
         if not settings.api_keys:
@@ -91,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if worker is not None:
                 worker.stop()
+            state.catalog.stop()
             state.database.dispose()
 
     app = FastAPI(
@@ -101,16 +112,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.centroid = state
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(ContentEncodingMiddleware)
-    app.add_middleware(ApiKeyMiddleware, authenticator=Authenticator(settings.api_keys))
-    app.add_middleware(RequestLogMiddleware, metrics=state.metrics)
+    app.add_middleware(
+        EdgeMiddleware,
+        metrics=state.metrics,
+        authenticator=Authenticator(settings.api_keys),
+        max_bytes=settings.max_upload_bytes,
+    )
+    # Routes are matched in order: the hot paths (health, invocations, predictions, assignments) first.
     app.include_router(health.router)
-    app.include_router(backends_router.router)
+    app.include_router(endpoints_router.router)
+    app.include_router(models_router.router)
     app.include_router(datasets_router.router)
     app.include_router(jobs_router.router)
-    app.include_router(models_router.router)
-    app.include_router(endpoints_router.router)
+    app.include_router(backends_router.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -1,17 +1,25 @@
 """Prometheus metrics, through the standard client library.
 
-Request, invocation and prediction counters live in the API process. What workers do (jobs by
+Request, invocation and prediction counters live in the API processes. What workers do (jobs by
 status, training durations, worker heartbeats) is read from the database at scrape time, so the
 numbers are the same whichever API replica is scraped and however many workers run.
+
+One API process (the default, and the tests, which build many apps in one process) keeps its
+counters in a registry of its own app. ``centroid serve --workers N`` runs N processes and sets
+``PROMETHEUS_MULTIPROC_DIR`` before starting them: prometheus_client's multiprocess mode then keeps
+every process's values in files there, and a scrape, whichever process answers it, adds up the
+files of all of them (those of processes that have exited too, so totals never go back).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,42 +31,69 @@ from service.db.types import utcnow
 TRAINING_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 JOB_STATUSES = ("Pending", "InProgress", "Completed", "Failed", "Stopping", "Stopped")
 ENDPOINT_STATUSES = ("Creating", "Updating", "InService", "Failed", "Deleting")
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode, when this process runs in it."""
+    path = os.environ.get(MULTIPROCESS_DIR_ENV)
+    return path if path and os.path.isdir(path) else None
 
 
 class Metrics:
-    """One registry per app (several apps may live in one test process)."""
+    """The API's own metrics: one registry per app, or shared files across processes (see above).
+
+    ``observe_request`` and ``record_prediction`` run on every request, so the labelled children
+    are looked up once per label combination and kept: a call is a dict lookup and an increment.
+    """
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, database: Database) -> None:
-        self.registry = CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir()
+        # In multiprocess mode the metrics write to the shared files and are not registered
+        # anywhere (the collector reads them back from the files; registered, they would appear twice).
+        own = None if self.multiprocess_dir else CollectorRegistry()
         self.requests = Counter(
-            "centroid_http_requests", "HTTP requests served.", ["method", "route", "status"], registry=self.registry
+            "centroid_http_requests", "HTTP requests served.", ["method", "route", "status"], registry=own
         )
         self.latency = Histogram(
-            "centroid_http_request_duration_seconds",
-            "HTTP request latency.",
-            ["method", "route"],
-            registry=self.registry,
+            "centroid_http_request_duration_seconds", "HTTP request latency.", ["method", "route"], registry=own
         )
         self.invocations = Counter(
             "centroid_endpoint_invocations",
             "Endpoint invocations and prediction requests.",
             ["endpoint", "api"],
-            registry=self.registry,
+            registry=own,
         )
         self.rows_predicted = Counter(
-            "centroid_rows_predicted", "Rows assigned to clusters.", ["endpoint"], registry=self.registry
+            "centroid_rows_predicted", "Rows assigned to clusters.", ["endpoint"], registry=own
         )
+        # What a scrape reads: the app's registry, or every process's files; plus the database.
+        self.registry = own if own is not None else CollectorRegistry()
+        if self.multiprocess_dir:
+            MultiProcessCollector(self.registry, path=self.multiprocess_dir)
         self.registry.register(DatabaseCollector(database))
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._prediction_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)), self.latency.labels(method, route))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def record_prediction(self, endpoint: str, api: str, rows: int) -> None:
-        self.invocations.labels(endpoint, api).inc()
-        self.rows_predicted.labels(endpoint).inc(rows)
+        key = (endpoint, api)
+        children = self._prediction_children.get(key)
+        if children is None:
+            children = (self.invocations.labels(endpoint, api), self.rows_predicted.labels(endpoint))
+            self._prediction_children[key] = children
+        children[0].inc()
+        children[1].inc(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

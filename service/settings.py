@@ -63,6 +63,14 @@ class Settings(BaseSettings):
         description="Most bytes an imported model.tar.gz may decompress to; more (a gzip bomb, a member claiming "
         "gigabytes) is refused while streaming, before anything that size is held in memory.",
     )
+    serving_refresh_seconds: float = Field(
+        default=0.25,
+        gt=0,
+        le=0.9,
+        description="How often each API process checks whether endpoints changed (a switch, a delete) in another "
+        "process. Changes made through this process apply at once; elsewhere within this interval plus one reload, "
+        "under 1 second.",
+    )
     embedded_worker: bool = Field(
         default=True, description="Run a background worker inside the API process (`centroid serve`)."
     )

@@ -36,6 +36,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     yield from _fresh_postgres_database()
 
 
+@pytest.fixture
+def database_url_postgres() -> Iterator[str]:
+    """A fresh PostgreSQL database for tests that need one whatever ``database_url`` is."""
+    if not PG_ADMIN_URL:
+        pytest.skip("needs PostgreSQL: set CENTROID_TEST_DATABASE_URL (CI does)")
+    yield from _fresh_postgres_database()
+
+
 def _fresh_postgres_database() -> Iterator[str]:
     assert PG_ADMIN_URL is not None
     admin_url = make_url(PG_ADMIN_URL)

@@ -36,6 +36,8 @@ from service.backends.base import (
     TrainingUpdate,
 )
 from service.datasets.repository import DatasetRepository
+from service.db.changes import bump_serving, local_wakeups
+from service.db.listen import WorkListener
 from service.db.session import rows_affected
 from service.db.tables import EndpointTable, TrainingJobTable, WorkerTable
 from service.db.types import utcnow
@@ -83,6 +85,9 @@ class Worker:
         self.db = state.database
         self.id = worker_id or new_worker_id()
         self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        local_wakeups.register(self.wakeup)
+        self._listener = WorkListener(self.db, self.wakeup)
         self._errors = 0
 
     # --- the loop -----------------------------------------------------------------------------
@@ -90,6 +95,7 @@ class Worker:
     def run(self) -> None:
         """Work until :meth:`request_shutdown`; idle between polls; back off while the DB is down."""
         log.info("worker started", extra={"worker_id": self.id})
+        self._listener.start()
         while not self.stopping.is_set():
             try:
                 busy = self.run_once()
@@ -101,12 +107,20 @@ class Worker:
                 self.stopping.wait(delay)
                 continue
             if not busy:
-                self.stopping.wait(self.settings.worker_poll_interval)
+                self._idle()
+        self._listener.stop()
+        local_wakeups.unregister(self.wakeup)
         self._unregister()
         log.info("worker stopped", extra={"worker_id": self.id})
 
     def request_shutdown(self) -> None:
         self.stopping.set()
+        self.wakeup.set()
+
+    def _idle(self) -> None:
+        """Wait for a wake-up (work announced in this process or by PostgreSQL NOTIFY) or the poll."""
+        self.wakeup.wait(self.settings.worker_poll_interval)
+        self.wakeup.clear()
 
     def run_once(self) -> bool:
         """Handle at most one job and one endpoint; True if there was anything to do."""
@@ -342,15 +356,19 @@ class Worker:
                         EndpointTable.name == endpoint.name, EndpointTable.lease_owner == self.id
                     )
                 )
+                bump_serving(session)
                 session.commit()
+                self.state.catalog.changed()
                 log.info("endpoint deleted", extra={"endpoint": endpoint.name})
                 return
             values = _endpoint_values(endpoint, spec, result)
             if result.status == endpoint.status and result.status in ("Creating", "Updating", "Deleting"):
                 poll_after = result.poll_after_seconds or self.settings.remote_poll_seconds
                 values["next_poll_at"] = utcnow() + timedelta(seconds=poll_after)
-            EndpointRepository(session).guarded_update(endpoint.name, self.id, values)
+            if EndpointRepository(session).guarded_update(endpoint.name, self.id, values):
+                bump_serving(session)
             session.commit()
+        self.state.catalog.changed()
         log.info("endpoint updated", extra={"endpoint": endpoint.name, "status": values.get("status")})
 
     # --- presence -----------------------------------------------------------------------------

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from service.engine import KMeansHyperparameters, Prediction
+from service.engine import CenterIndex, KMeansHyperparameters, Prediction
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,11 @@ class ServedModel:
     centroids: np.ndarray
     feature_names: list[str]
     artifact: Callable[[], bytes]
+
+    @cached_property
+    def index(self) -> CenterIndex:
+        """The centroids prepared for nearest-center queries, built once per loaded model."""
+        return CenterIndex(self.centroids)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from service.engine import (
     Prediction,
     TrainingStopped,
     WebScaleKMeans,
-    predict,
     read_model_tar,
     write_model_tar,
 )
@@ -99,7 +98,8 @@ class LocalBackend:
         return EndpointUpdate(status="Deleted")
 
     def invoke(self, spec: EndpointSpec, features: np.ndarray) -> Prediction:
-        return predict(features, spec.model.centroids)
+        """``features`` is a finite float64 matrix of the model's width (the serving path checks)."""
+        return spec.model.index.predict(features)
 
 
 def _timed(update: TrainingUpdate, started: float) -> TrainingUpdate:

@@ -16,6 +16,7 @@ from schemas.datasets import DatasetCreate, DeriveRequest
 from service.datasets.parsing import frame_from_rows, read_csv_text, type_columns
 from service.datasets.repository import DatasetRepository
 from service.datasets.transforms import Recipe, Table, apply_steps, ensure_unique_key, is_numeric
+from service.db.changes import bump_serving
 from service.db.tables import DatasetTable
 from service.errors import Conflict, InvalidInput
 from service.ids import new_id
@@ -161,6 +162,7 @@ class DatasetService:
             )
         key = row.storage_key
         self.repository.delete(row)
+        bump_serving(self.session)  # every process drops its cached reads of this dataset
         self.session.commit()
         self.store.delete(key)
 

@@ -123,3 +123,17 @@ class WorkerTable(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_poll_at: Mapped[datetime | None] = mapped_column()
     current_job: Mapped[str | None] = mapped_column(String(63))
+
+
+class ChangeCounterTable(Base):
+    """Monotonic counters other processes poll to notice changes (one row per counter name).
+
+    ``serving`` is bumped in the same transaction as every change to what endpoints serve (an
+    endpoint entering or leaving service, a switch completing) and every delete of a model or
+    dataset; API processes compare it with the value their in-process caches were built from.
+    """
+
+    __tablename__ = "change_counters"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

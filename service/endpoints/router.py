@@ -21,14 +21,16 @@ from schemas.endpoints import (
 from service.deps import AppState, app_state, db_session
 from service.endpoints.invocations import CSV, JSON, JSONLINES, media_type, request_format, response_format
 from service.endpoints.service import EndpointService
+from service.endpoints.serving import ServingService
 from service.errors import PayloadTooLarge, UnsupportedMediaType
 from service.request_bodies import parse_json, validate
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
+INLINE_BODY_BYTES = 16 * 1024  # smaller requests for a known endpoint are answered on the event loop
 
 
 def endpoint_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> EndpointService:
-    return EndpointService(session, state.store, state.backends, state.model_cache, state.settings, state.metrics)
+    return EndpointService(session, state.store, state.backends, state.catalog, state.serving)
 
 
 Service = Annotated[EndpointService, Depends(endpoint_service)]
@@ -136,15 +138,19 @@ _INVOCATION_BODY: dict[str, Any] = {
     },
     openapi_extra=_INVOCATION_BODY,
 )
-async def invoke(name: str, request: Request, service: Service) -> Response:
+async def invoke(name: str, request: Request) -> Response:
     """SageMaker KMeans's inference contract: send `text/csv`, `application/json` or
     `application/jsonlines` rows of features; get `closest_cluster` and `distance_to_cluster`
     (Euclidean) per row, as JSON (default), JSON Lines or CSV per `Accept`. A client written for
     a SageMaker endpoint works by changing only the URL."""
+    serving = serving_of(request)
     request_kind = request_format(request.headers.get("content-type"))
     response_kind = response_format(request.headers.get("accept"))
     body = await request.body()
-    content = await run_in_threadpool(service.invoke, name, body, request_kind, response_kind)
+    if len(body) <= INLINE_BODY_BYTES and serving.catalog.lookup(name) is not None:
+        content = serving.invoke(name, body, request_kind, response_kind)
+    else:
+        content = await run_in_threadpool(serving.invoke, name, body, request_kind, response_kind)
     return Response(content=content, media_type=response_kind)
 
 
@@ -175,14 +181,32 @@ def parse_prediction_request(body: bytes, max_rows: int) -> PredictionRequest:
     responses=error_responses(400, 404, 409, 413, 415, 422),
     openapi_extra=_PREDICTION_BODY,
 )
-async def predictions(name: str, request: Request, service: Service) -> Any:
+async def predictions(name: str, request: Request) -> Response:
     """Rows (objects keyed by feature name) or a `dataset_id`; `raw: true` applies the model's
     preprocessing first. `sort: "cluster,distance"` gives the workshop's ordering, and
     `cluster_counts` the number of rows per cluster. More than `CENTROID_MAX_INVOCATION_ROWS`
-    rows get 413 before the body is parsed."""
+    rows get 413 before the body is parsed; keys other than the model's columns get 400."""
     content_type = media_type(request.headers.get("content-type"))
     if content_type not in ("", JSON) and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; send {JSON}")
+    state = app_state(request)
     body = await request.body()
-    payload = await run_in_threadpool(parse_prediction_request, body, service.settings.max_invocation_rows)
-    return await run_in_threadpool(service.predictions, name, payload)
+    if len(body) <= INLINE_BODY_BYTES and state.catalog.lookup(name) is not None:
+        payload = parse_prediction_request(body, state.settings.max_invocation_rows)
+        if payload.rows is not None and payload.dataset_id is None:
+            return Response(state.serving.predict_rows(name, payload), media_type=JSON)
+    else:
+        payload = await run_in_threadpool(parse_prediction_request, body, state.settings.max_invocation_rows)
+    content = await run_in_threadpool(_dataset_or_rows, state, name, payload)
+    return Response(content, media_type=JSON)
+
+
+def _dataset_or_rows(state: AppState, name: str, payload: PredictionRequest) -> bytes:
+    with state.database.session() as session:
+        return EndpointService(session, state.store, state.backends, state.catalog, state.serving).dataset_predictions(
+            name, payload
+        )
+
+
+def serving_of(request: Request) -> ServingService:
+    return app_state(request).serving

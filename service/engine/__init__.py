@@ -20,7 +20,7 @@ from service.engine.mxnet_format import (
     write_model_tar,
     write_ndarray_list,
 )
-from service.engine.predict import Prediction, predict
+from service.engine.predict import CenterIndex, Prediction, as_feature_matrix, predict
 from service.engine.sources import ArrayBatchSource, BatchSource, ParquetBatchSource
 from service.engine.webscale import WebScaleKMeans, reduce_centers
 
@@ -30,6 +30,7 @@ __all__ = [
     "ENGINE_VERSION",
     "ArrayBatchSource",
     "BatchSource",
+    "CenterIndex",
     "EngineInputError",
     "HyperparameterError",
     "KMeansHyperparameters",
@@ -42,6 +43,7 @@ __all__ = [
     "TrainingMetrics",
     "TrainingStopped",
     "WebScaleKMeans",
+    "as_feature_matrix",
     "predict",
     "read_model_tar",
     "read_ndarray_list",

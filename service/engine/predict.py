@@ -25,6 +25,7 @@ from service.engine.errors import EngineInputError
 from service.engine.sources import check_finite
 
 _CHUNK_ELEMENTS = 1 << 21  # rows x centers per chunk: bounds the temporary distance matrices
+_DIRECT_ELEMENTS = 1 << 12  # rows x centers x features up to which distances are computed exactly at once
 _SAFETY = 8.0  # scales the ambiguity tolerance, see _Ranker
 
 
@@ -52,13 +53,41 @@ class CenterIndex:
         """A float64 fast pass, for values too large for float32."""
         return _Ranker(self.centers - self._origin, np.float64)
 
+    def predict(self, X: np.ndarray) -> Prediction:
+        """Closest center and Euclidean distance for each row of the finite float64 matrix ``X``."""
+        if X.size * len(self.centers) <= _DIRECT_ELEMENTS:
+            direct = self._nearest_direct(X)
+            if direct is not None:
+                labels, squared = direct
+                return Prediction(closest_cluster=labels, distance_to_cluster=np.sqrt(squared))
+        labels = self.nearest(X)
+        return Prediction(closest_cluster=labels, distance_to_cluster=np.sqrt(self.squared_distances_to(X, labels)))
+
     def nearest(self, X: np.ndarray) -> np.ndarray:
         """Index of the closest center for each row of the float64 matrix ``X`` (first on ties)."""
+        if X.size * len(self.centers) <= _DIRECT_ELEMENTS:
+            direct = self._nearest_direct(X)
+            if direct is not None:
+                return direct[0]
         labels = np.empty(len(X), dtype=np.int64)
         rows = max(1, _CHUNK_ELEMENTS // len(self.centers))
         for start in range(0, len(X), rows):
             labels[start : start + rows] = self._nearest_chunk(X[start : start + rows])
         return labels
+
+    def _nearest_direct(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Small inputs (a request of a few rows): every exact float64 ``‖x − c‖²`` at once, computed
+        exactly as the refinement computes its candidates (and as :meth:`squared_distances_to`
+        does), so labels and distances are the same; cheaper than the two-pass search when
+        rows x centers is tiny. Returns (labels, squared distances), or None if values overflow."""
+        diff = (X[:, None, :] - self.centers[None, :, :]).reshape(-1, X.shape[1])
+        with np.errstate(over="ignore", invalid="ignore"):
+            distance = np.einsum("ij,ij->i", diff, diff).reshape(len(X), len(self.centers))
+        labels = distance.argmin(axis=1)
+        best = distance[np.arange(len(X)), labels]
+        if not np.isfinite(best).all() or not np.isfinite(distance).all():
+            return None
+        return labels, best
 
     def squared_distances_to(self, X: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Exact float64 ``‖x − c_label‖²`` per row (direct difference, no cancellation)."""
@@ -143,10 +172,10 @@ def predict(X: ArrayLike, centers: ArrayLike, *, all_distances: bool = False) ->
     """
     index = CenterIndex(_as_centers(centers))
     data = as_feature_matrix(X, index.centers.shape[1], "prediction input")
-    labels = index.nearest(data)
-    distance = np.sqrt(index.squared_distances_to(data, labels))
-    matrix = euclidean_distances(data, index.centers) if all_distances else None
-    return Prediction(closest_cluster=labels, distance_to_cluster=distance, distances=matrix)
+    result = index.predict(data)
+    if not all_distances:
+        return result
+    return Prediction(result.closest_cluster, result.distance_to_cluster, euclidean_distances(data, index.centers))
 
 
 def euclidean_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:

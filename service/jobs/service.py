@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from schemas.jobs import Progress, TrainingJob, TrainingJobCreate
 from service.backends import BackendRegistry
 from service.datasets.repository import DatasetRepository
+from service.db.changes import announce_work, work_committed
 from service.db.session import rows_affected
 from service.db.tables import DatasetTable, TrainingJobTable
 from service.db.types import utcnow
@@ -71,10 +72,12 @@ class JobService:
         )
         try:
             self.jobs.add(row)
+            announce_work(self.session)
             self.session.commit()
         except IntegrityError as exc:
             self.session.rollback()
             raise Conflict(f"training job {request.name!r} already exists", details={"name": request.name}) from exc
+        work_committed()
         return row
 
     def _hyperparameters(
@@ -156,7 +159,9 @@ class JobService:
                 .values(status="Stopping", secondary_status="Stopping", stop_requested=True, next_poll_at=None)
                 .execution_options(synchronize_session=False)
             )
+        announce_work(self.session)
         self.session.commit()
+        work_committed()
         self.session.refresh(job)
         return job
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 from sqlalchemy.orm import Session
 
 from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
@@ -16,6 +19,18 @@ from schemas.datasets import no_control_chars
 from schemas.models import Assignments, Centroids, Model
 from service.deps import AppState, app_state, db_session
 from service.errors import UnsupportedMediaType
+from service.http_cache import (
+    Rendered,
+    RenderedCache,
+    cache_headers,
+    content_etag,
+    etag_matches,
+    if_none_match,
+    not_modified,
+    openapi_cache_headers,
+    openapi_not_modified,
+    strong_etag,
+)
 from service.models.service import ModelService
 from service.request_bodies import read_upload
 
@@ -27,6 +42,113 @@ def model_service(session: Session = Depends(db_session), state: AppState = Depe
 
 
 Service = Annotated[ModelService, Depends(model_service)]
+
+
+def _cacheable(ok: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries of an immutable read: 200 with ETag/Cache-Control, and 304."""
+    return {200: {**(ok or {}), "headers": openapi_cache_headers()}, 304: openapi_not_modified()}
+
+
+def rendered_cache(request: Request) -> RenderedCache:
+    """The app's cache of rendered immutable reads (created on first use, on the event loop)."""
+    state = request.app.state
+    try:
+        return state.rendered_reads  # type: ignore[no-any-return]
+    except AttributeError:
+        cache = state.rendered_reads = RenderedCache()
+        return cache
+
+
+def _rendered_assignments(
+    state: AppState, cache: RenderedCache, key: tuple[str, str | None, int | None], generation: int
+) -> Rendered:
+    """Compute and render one assignments body (in a worker thread), once per key and generation."""
+    with cache.flight(key):
+        if generation >= 0:
+            hit = cache.get(key, generation)
+            if hit is not None:
+                return hit
+        model_id, dataset_id, cluster = key
+        with contextmanager(db_session)(state) as session:
+            service = ModelService(session, state.store, max_model_bytes=state.settings.max_model_bytes)
+            data = service.assignments_data(service.get(model_id), dataset_id, cluster)
+        body = orjson.dumps(data)
+        rendered = Rendered(content_etag(body), body, generation)
+        if generation >= 0:  # the catalog has read the generation: deletions will reach this entry
+            cache.put(key, rendered)
+        return rendered
+
+
+_ASSIGNMENTS_QUERY: list[dict[str, Any]] = [
+    {
+        "name": "cluster",
+        "in": "query",
+        "required": False,
+        "description": "Only rows of this cluster.",
+        "schema": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}], "title": "Cluster"},
+    },
+    {
+        "name": "dataset_id",
+        "in": "query",
+        "required": False,
+        "description": "Another dataset with the same features.",
+        "schema": {"anyOf": [{"type": "string", "maxLength": 40}, {"type": "null"}], "title": "Dataset Id"},
+    },
+]
+_QUERY_VALIDATORS: dict[str, TypeAdapter[Any]] = {
+    "cluster": TypeAdapter(Annotated[int, Field(ge=0)]),
+    "dataset_id": TypeAdapter(Annotated[str, Field(max_length=40)]),
+}
+
+
+def assignments_query(request: Request) -> tuple[int | None, str | None]:
+    """``cluster`` and ``dataset_id``, validated as FastAPI would (422 with the same details).
+
+    Parsed here rather than declared as ``Query`` parameters: on this hot path FastAPI's
+    parameter machinery costs more than answering from the cache. They are documented through
+    ``openapi_extra``. No query string (the common case) costs nothing.
+    """
+    if not request.scope.get("query_string"):
+        return None, None
+    params = request.query_params
+    values: dict[str, Any] = {}
+    errors: list[dict[str, Any]] = []
+    for name, adapter in _QUERY_VALIDATORS.items():
+        raw = params.get(name)
+        if raw is None:
+            continue
+        try:
+            values[name] = adapter.validate_python(raw)
+        except ValidationError as exc:
+            errors.extend({**e, "loc": ("query", name, *e["loc"])} for e in exc.errors(include_url=False))
+    if errors:
+        raise RequestValidationError(errors)
+    return values.get("cluster"), values.get("dataset_id") or None
+
+
+# The hot path is registered first: routes are matched in registration order.
+@router.get(
+    "/{model_id}/assignments",
+    response_model=Assignments,
+    summary="Key → cluster map of the training dataset (or another dataset)",
+    responses={**_cacheable(), **error_responses(400, 404, 422)},
+    openapi_extra={"parameters": _ASSIGNMENTS_QUERY},
+)
+async def get_assignments(model_id: str, request: Request) -> Any:
+    """Computed once per model, dataset and cluster filter, then answered from memory (no database)
+    until the model or the dataset is deleted. Answered with an `ETag` (of the exact bytes) and
+    `Cache-Control`; `If-None-Match` gives 304."""
+    cluster, dataset_id = assignments_query(request)
+    state: AppState = request.app.state.centroid
+    cache = rendered_cache(request)
+    key = (model_id, dataset_id, cluster)
+    generation = state.catalog.generation
+    rendered = cache.get(key, generation) if generation >= 0 else None
+    if rendered is None:
+        rendered = await run_in_threadpool(_rendered_assignments, state, cache, key, generation)
+    if etag_matches(if_none_match(request.headers), rendered.etag):
+        return not_modified(rendered.etag)
+    return rendered.response()
 
 
 class ImportForm(BaseModel):
@@ -111,19 +233,36 @@ async def import_model(request: Request, service: Service) -> Any:
     return Model.model_validate(row, from_attributes=True)
 
 
-@router.get("/{model_id}", response_model=Model, summary="Describe a model", responses=error_responses(404, 422))
-def get_model(model_id: str, service: Service) -> Any:
-    return Model.model_validate(service.get(model_id), from_attributes=True)
+@router.get(
+    "/{model_id}",
+    response_model=Model,
+    summary="Describe a model",
+    responses={**_cacheable(), **error_responses(404, 422)},
+)
+def get_model(model_id: str, request: Request, response: Response, service: Service) -> Any:
+    """Immutable: answered with an `ETag` and `Cache-Control`; `If-None-Match` gives 304."""
+    row = service.get(model_id)
+    etag = strong_etag(row.id, row.artifact_sha256, "model")
+    if etag_matches(if_none_match(request.headers), etag):
+        return not_modified(etag)
+    response.headers.update(cache_headers(etag))
+    return Model.model_validate(row, from_attributes=True)
 
 
 @router.get(
     "/{model_id}/centroids",
     response_model=Centroids,
     summary="A model's centroids, scaled and in original units",
-    responses=error_responses(404, 422),
+    responses={**_cacheable(), **error_responses(404, 422)},
 )
-def get_centroids(model_id: str, service: Service) -> Any:
-    return service.centroids(service.get(model_id))
+def get_centroids(model_id: str, request: Request, response: Response, service: Service) -> Any:
+    """Immutable: answered with an `ETag` and `Cache-Control`; `If-None-Match` gives 304."""
+    row = service.get(model_id)
+    etag = strong_etag(row.id, row.artifact_sha256, "centroids")
+    if etag_matches(if_none_match(request.headers), etag):
+        return not_modified(etag)
+    response.headers.update(cache_headers(etag))
+    return service.centroids(row)
 
 
 @router.get(
@@ -131,30 +270,24 @@ def get_centroids(model_id: str, service: Service) -> Any:
     response_class=FileResponse,
     summary="Download the SageMaker-format model.tar.gz",
     responses={
-        200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+        **_cacheable({"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}}),
         **error_responses(404, 422),
     },
 )
-def get_artifact(model_id: str, service: Service) -> FileResponse:
+def get_artifact(model_id: str, request: Request, service: Service) -> Response:
+    """Immutable: answered with an `ETag` and `Cache-Control`; `If-None-Match` gives 304."""
     row = service.get(model_id)
-    return FileResponse(service.artifact_path(row), media_type="application/gzip", filename=f"{row.id}-model.tar.gz")
-
-
-@router.get(
-    "/{model_id}/assignments",
-    response_model=Assignments,
-    summary="Key → cluster map of the training dataset (or another dataset)",
-    responses=error_responses(400, 404, 422),
-)
-def get_assignments(
-    model_id: str,
-    service: Service,
-    cluster: Annotated[int | None, Query(ge=0, description="Only rows of this cluster.")] = None,
-    dataset_id: Annotated[
-        str | None, Query(max_length=40, description="Another dataset with the same features.")
-    ] = None,
-) -> Any:
-    return service.assignments(service.get(model_id), dataset_id, cluster)
+    etag = strong_etag(row.id, row.artifact_sha256, "artifact")
+    if etag_matches(if_none_match(request.headers), etag):
+        return not_modified(etag)
+    # Our ETag replaces FileResponse's mtime/size one (it keeps a header already set), so range
+    # requests' If-Range is checked against the same validator.
+    return FileResponse(
+        service.artifact_path(row),
+        media_type="application/gzip",
+        filename=f"{row.id}-model.tar.gz",
+        headers=cache_headers(etag),
+    )
 
 
 @router.delete(
@@ -164,7 +297,10 @@ def get_assignments(
     summary="Delete a model",
     responses=error_responses(404, 409, 422),
 )
-def delete_model(model_id: str, service: Service) -> Response:
+def delete_model(model_id: str, request: Request, service: Service) -> Response:
     """Refused with 409 while an endpoint serves it."""
     service.delete(model_id)
+    # This process drops its cached reads of the model now; others when they see the new generation.
+    rendered_cache(request).discard(lambda key: key[0] == model_id)
+    app_state(request).catalog.changed()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from service.backends.base import ServedModel, TrainedModel
 from service.datasets.parsing import check_column_names
 from service.datasets.repository import DatasetRepository
 from service.datasets.transforms import Table, column_lineage, require_numeric, unscale_column
+from service.db.changes import bump_serving
 from service.db.session import rows_affected
 from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
 from service.engine import ModelFormatError, Prediction, predict, read_model_tar
@@ -153,6 +155,7 @@ class ModelService:
             update(TrainingJobTable).where(TrainingJobTable.model_id == model_id).values(model_id=None)
         )
         self.models.delete(row)
+        bump_serving(self.session)  # every process drops its cached reads of this model
         self.session.commit()
         self.store.delete(key)
 
@@ -172,6 +175,14 @@ class ModelService:
         )
 
     def assignments(self, row: ModelTable, dataset_id: str | None, cluster: int | None) -> Assignments:
+        return Assignments(**self.assignments_data(row, dataset_id, cluster))
+
+    def assignments_data(self, row: ModelTable, dataset_id: str | None, cluster: int | None) -> dict[str, Any]:
+        """The :class:`Assignments` fields as plain JSON-ready values, in its field order.
+
+        Vectorised: each Parquet batch becomes two dicts through ``zip`` over numpy's lists, the
+        cluster filter is a mask, the counts one ``bincount``; no Python loop per row.
+        """
         if cluster is not None and not 0 <= cluster < row.k:
             raise InvalidInput(f"cluster must be between 0 and {row.k - 1}", details={"k": row.k})
         dataset_id = dataset_id or row.train_dataset_id
@@ -181,21 +192,26 @@ class ModelService:
         clusters: dict[str, int] = {}
         distances: dict[str, float] = {}
         for keys, prediction in predict_dataset(self.store, dataset, row.feature_names, np.asarray(row.centroids)):
-            for key, label, distance in zip(
-                keys, prediction.closest_cluster, prediction.distance_to_cluster, strict=True
-            ):
-                if cluster is None or label == cluster:
-                    clusters[key] = int(label)
-                    distances[key] = float(distance)
-        counts = pd.Series(list(clusters.values()), dtype="int64").value_counts().sort_index()
-        return Assignments(
-            model_id=row.id,
-            dataset_id=dataset.id,
-            key_column=dataset.key_column,
-            clusters=clusters,
-            distances=distances,
-            counts={str(label): int(count) for label, count in counts.items()},
-        )
+            labels = np.asarray(prediction.closest_cluster).astype(np.int64, copy=False)
+            distance = np.asarray(prediction.distance_to_cluster).astype(np.float64, copy=False)
+            if not len(keys) == len(labels) == len(distance):
+                raise ValueError("predict_dataset yielded keys and predictions of different lengths")
+            if cluster is not None:
+                mask = labels == cluster
+                keys = list(compress(keys, mask.tolist()))
+                labels, distance = labels[mask], distance[mask]
+            clusters.update(zip(keys, labels.tolist(), strict=True))
+            distances.update(zip(keys, distance.tolist(), strict=True))
+        # Counted from the final map, so a repeated key counts once (the last row wins, as in the map).
+        sizes = np.bincount(np.fromiter(clusters.values(), dtype=np.int64, count=len(clusters)))
+        return {
+            "model_id": row.id,
+            "dataset_id": dataset.id,
+            "key_column": dataset.key_column,
+            "clusters": clusters,
+            "distances": distances,
+            "counts": {str(label): count for label, count in enumerate(sizes.tolist()) if count},
+        }
 
 
 def sweep_orphan_artifacts(session: Session, store: LocalArtifactStore, grace_seconds: float) -> list[str]:

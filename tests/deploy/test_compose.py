@@ -4,6 +4,7 @@ volumes, healthchecks and dependencies fit together. (No Docker daemon is needed
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -167,11 +168,25 @@ def test_every_centroid_command_is_a_real_subcommand(services: dict[str, dict[st
         _parse_centroid(argv)
 
 
+def _option_strings(*command: str) -> set[str]:
+    """The flags `centroid <command...>` really accepts (argparse would also take a prefix of one)."""
+    parser = build_parser()
+    for name in command:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = subparsers.choices[name]
+    return {option for action in parser._actions for option in action.option_strings}
+
+
 def test_the_api_serves_on_all_interfaces_without_an_embedded_worker(services: dict[str, dict[str, Any]]) -> None:
-    args = _parse_centroid(_command(services["api"]))
+    argv = _command(services["api"])
+    args = _parse_centroid(argv)
     assert args.command == "serve"
     assert args.host == "0.0.0.0"
     assert args.no_worker, "training belongs to the worker containers"
+    # Several API processes behind one port, spelled with the real flag (not an abbreviation).
+    assert args.workers == 2
+    flags = [part for part in argv if part.startswith("--")]
+    assert "--workers" in flags and set(flags) <= _option_strings("serve"), flags
     assert _published(services["api"]) == {args.port: 8000}
     health = _healthcheck_text(services["api"])
     assert f"127.0.0.1:{args.port}/healthz" in health

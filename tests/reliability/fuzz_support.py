@@ -313,7 +313,8 @@ def register_hooks(seeds: Seeds) -> None:
         seeded = st.fixed_dictionaries(
             {}, optional={"dataset_id": st.sampled_from(seeds.datasets), "cluster": st.integers(0, 4)}
         )
-        return st.one_of(st.just(query), seeded)
+        # The plain call (no query) on the trained model is the one that must succeed: offer it explicitly.
+        return st.one_of(st.just(query), st.just({}), seeded)
 
     def flatmap_case(context: Any, case: Any) -> st.SearchStrategy[Any]:
         operation = context.operation
