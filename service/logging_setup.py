@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,3 +69,63 @@ def configure_logging(level: str, fmt: str) -> None:
     handler._centroid = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+
+
+ACCESS_LOGGER = "centroid.access"
+
+
+class AccessLog:
+    """The access log line of every request, written cheaply.
+
+    When the only handler is Centroid's own JSON handler (the configured default), the line is
+    rendered with orjson and written straight to its stream under the handler's lock: the same
+    JSON object a ``logging`` record would give, without building a record per request (which
+    costs more than most requests' own work on the hot paths). Any other set-up — text format,
+    extra handlers or filters, a level above INFO — goes through ``logging`` as usual.
+    """
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(ACCESS_LOGGER)
+
+    def _direct_handler(self) -> logging.StreamHandler[Any] | None:
+        root = logging.getLogger()
+        handlers = root.handlers
+        if len(handlers) != 1 or self.logger.handlers or self.logger.filters or root.filters:
+            return None
+        handler = handlers[0]
+        if not getattr(handler, "_centroid", False) or handler.filters:
+            return None
+        if not isinstance(handler.formatter, JsonFormatter):
+            return None
+        return handler  # type: ignore[return-value]
+
+    def write(self, method: str, path: str, status: int, seconds: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        duration_ms = round(seconds * 1000, 2)
+        handler = self._direct_handler()
+        if handler is None or handler.level > logging.INFO:
+            record = logging.LogRecord(
+                ACCESS_LOGGER, logging.INFO, __file__, 0, "%s %s %s", (method, path, status), None
+            )
+            record.method, record.path, record.status, record.duration_ms = method, path, status, duration_ms
+            self.logger.handle(record)
+            return
+        formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
+        payload: dict[str, Any] = {
+            "ts": formatter._timestamp(time.time()),
+            "level": "INFO",
+            "logger": ACCESS_LOGGER,
+            "msg": f"{method} {path} {status}",
+        }
+        request_id = current_request_id()
+        if request_id:
+            payload["request_id"] = request_id
+        payload.update(method=method, path=path, status=status, duration_ms=duration_ms)
+        line = orjson.dumps(payload).decode() + handler.terminator
+        with handler.lock:  # type: ignore[union-attr]
+            try:
+                handler.stream.write(line)
+                handler.flush()
+            except Exception:  # noqa: BLE001 - logging must never fail a request
+                handler.handleError(logging.makeLogRecord({"msg": line}))

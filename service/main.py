@@ -120,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Routes are matched in order: the hot paths (health, invocations, predictions, assignments) first.
     app.include_router(health.router)
+    app.include_router(endpoints_router.hot)
+    app.include_router(models_router.hot)
     app.include_router(endpoints_router.router)
     app.include_router(models_router.router)
     app.include_router(datasets_router.router)

@@ -16,7 +16,6 @@ paths (invocations, predictions, assignments, health) and must not cost more tha
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import time
 
@@ -26,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Authenticator
 from service.errors import Forbidden, Unauthorized, error_body
+from service.logging_setup import AccessLog
 from service.metrics import Metrics
 from service.request_context import reset_request_id, set_request_id
 
@@ -61,7 +61,7 @@ class EdgeMiddleware:
         self.authenticator = authenticator
         self.max_bytes = max_bytes
         self.ids = RequestIds()
-        self.log = logging.getLogger("centroid.access")
+        self.access_log = AccessLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,18 +111,8 @@ class EdgeMiddleware:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.observe_request(scope["method"], route, status, elapsed)
-            if self.log.isEnabledFor(logging.INFO):
-                self._access_line(scope, status, elapsed)
+            self.access_log.write(scope["method"], scope["path"], status, elapsed)
             reset_request_id(token)
-
-    def _access_line(self, scope: Scope, status: int, elapsed: float) -> None:
-        """One INFO record through the normal handlers, built directly: ``Logger.info`` would walk
-        the stack to find its caller on every request, which costs more than the record itself."""
-        method, path = scope["method"], scope["path"]
-        record = logging.LogRecord(self.log.name, logging.INFO, __file__, 0, "%s %s %s", (method, path, status), None)
-        record.method, record.path, record.status = method, path, status
-        record.duration_ms = round(elapsed * 1000, 2)
-        self.log.handle(record)
 
     def _rejection(
         self, scope: Scope, authorization: str | None, declared: int, has_body: bool, encodings: list[str]

@@ -26,6 +26,9 @@ from service.errors import PayloadTooLarge, UnsupportedMediaType
 from service.request_bodies import parse_json, validate
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
+# The hot paths, in a router of their own that the app includes before every other: routes are
+# matched one by one, and these should not wait behind the lifecycle routes.
+hot = APIRouter(prefix="/endpoints", tags=["endpoints"])
 INLINE_BODY_BYTES = 16 * 1024  # smaller requests for a known endpoint are answered on the event loop
 
 
@@ -120,7 +123,7 @@ _INVOCATION_BODY: dict[str, Any] = {
 }
 
 
-@router.post(
+@hot.post(
     "/{name}/invocations",
     response_model=InvocationResponse,
     summary="SageMaker-compatible inference",
@@ -174,7 +177,7 @@ def parse_prediction_request(body: bytes, max_rows: int) -> PredictionRequest:
     return validate(PredictionRequest, parse_json(body), ("body",))
 
 
-@router.post(
+@hot.post(
     "/{name}/predictions",
     response_model=PredictionResponse,
     summary="Cluster assignments for rows or a dataset, labelled by key",

@@ -35,6 +35,8 @@ from service.models.service import ModelService
 from service.request_bodies import read_upload
 
 router = APIRouter(prefix="/models", tags=["models"])
+# The hot path, in a router the app includes before the others (routes are matched in order).
+hot = APIRouter(prefix="/models", tags=["models"])
 
 
 def model_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> ModelService:
@@ -127,7 +129,7 @@ def assignments_query(request: Request) -> tuple[int | None, str | None]:
 
 
 # The hot path is registered first: routes are matched in registration order.
-@router.get(
+@hot.get(
     "/{model_id}/assignments",
     response_model=Assignments,
     summary="Key → cluster map of the training dataset (or another dataset)",
