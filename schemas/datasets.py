@@ -60,8 +60,20 @@ class DatasetCreate(BaseModel):
     _check_name = field_validator("name")(_no_control_chars)
 
 
-class Dataset(BaseModel):
-    """A stored dataset's metadata."""
+class RecipeSummary(BaseModel):
+    """A recipe's shape, without its steps (what listings show)."""
+
+    source: Literal["upload", "json", "derived"] = Field(description="How the dataset came to be.")
+    parent_id: str | None = Field(description="The dataset it was derived from (null for uploads).")
+    inputs: list[str] = Field(description="Datasets its steps read directly: the parent, then each join's other side.")
+    depth: int = Field(description="Longest chain of derives from an upload (an upload is 0).", examples=[2])
+    datasets: int = Field(description="Distinct datasets in its recipe, itself included.", examples=[4])
+    steps: int = Field(description="Steps over all of them.", examples=[3])
+    bytes: int = Field(description="Size of the recipe as JSON.", examples=[812])
+
+
+class DatasetListItem(BaseModel):
+    """A stored dataset's metadata, as listed (without the recipe: see `recipe_summary`)."""
 
     id: str = Field(description="Server-assigned id.", examples=["ds-6f1c0e9b2a4d4f3e8b1a"])
     name: str = Field(description="Name given at creation.", examples=["crimes"])
@@ -69,16 +81,24 @@ class Dataset(BaseModel):
     columns: list[ColumnInfo] = Field(description="Columns in order, with their types.")
     row_count: int = Field(description="Number of rows.", examples=[50])
     size_bytes: int = Field(description="Size of the stored Parquet file.", examples=[4096])
+    recipe_summary: RecipeSummary | None = Field(description="The recipe's source, inputs and size.")
+    created_at: datetime = Field(description="Creation time (UTC).")
+
+
+class Dataset(DatasetListItem):
+    """A stored dataset's metadata, with its recipe."""
+
     recipe: dict[str, Any] = Field(
         description=(
-            "How the dataset came to be: `source` is `upload`, `json` or `derived`; a derived dataset "
-            "carries `parent_id`, the parent's recipe as `parent`, and the applied `steps` with their "
-            "fitted parameters (scaling min/max or mean/std, fill values), so the same transform can "
-            "be replayed on new raw rows."
+            "How the dataset came to be: `source` is `upload`, `json` or `derived`. A derived dataset's "
+            "recipe carries `parent_id`, the applied `steps` with their fitted parameters (scaling min/max "
+            "or mean/std, fill values; a `join` names the other side's `dataset_id`), and `inputs`: the "
+            "recipe of every dataset it reads from, directly or through others, keyed by dataset id and "
+            "stored once each (by reference: its size grows with the datasets it includes, never doubles). "
+            "The same transform can be replayed on new raw rows, even after those datasets are deleted."
         ),
-        examples=[{"source": "upload", "filename": "crimes.csv"}],
+        examples=[{"source": "upload", "filename": "crimes.csv", "columns": ["State", "Murder"]}],
     )
-    created_at: datetime = Field(description="Creation time (UTC).")
 
 
 class ColumnSummary(BaseModel):

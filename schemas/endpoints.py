@@ -28,9 +28,25 @@ class EndpointCreate(BaseModel):
 
 
 class EndpointModelSwitch(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"model_id": "mdl-2d0b8e1f3c4e5b6d7f80"}]})
+    """A switch keeps the endpoint's contract: a model with other feature names (or another order)
+    is refused with 409 naming both lists, unless `allow_feature_change` is true."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model_id": "mdl-2d0b8e1f3c4e5b6d7f80"},
+                {"model_id": "mdl-3e1c9f2a4d5f6c7e8091", "allow_feature_change": True},
+            ]
+        }
+    )
 
     model_id: str = Field(min_length=1, max_length=40, description="The model to switch to.")
+    allow_feature_change: bool = Field(
+        default=False,
+        description="Switch even if the new model's feature names differ from those the endpoint serves now "
+        "(clients must then send the new features). Without it such a switch gets 409.",
+        examples=[True],
+    )
 
 
 class Endpoint(BaseModel):

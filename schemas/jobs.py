@@ -25,28 +25,44 @@ class Hyperparameters(BaseModel):
     """SageMaker KMeans hyperparameters (names, ranges and defaults as SageMaker documents them).
 
     Values may be given as strings, as SageMaker sends them. Validation errors (400) name the
-    parameter and its valid range."""
+    parameter and its valid range. Integers are at most 2^63 - 1, and the service's ceilings
+    (settings `CENTROID_MAX_*`, defaults below) bound what one job may cost."""
 
     model_config = ConfigDict(
         extra="allow",
         json_schema_extra={"examples": [{"k": 10, "mini_batch_size": 500, "init_method": "kmeans++", "seed": 42}]},
     )
 
-    k: int | str = Field(description="Number of clusters, int >= 2 (required).", examples=[10])
+    k: int | str = Field(
+        description="Number of clusters, int >= 2 (required); at most `CENTROID_MAX_K` (10000), and k x feature_dim "
+        "at most `CENTROID_MAX_CENTROID_VALUES`.",
+        examples=[10],
+    )
     feature_dim: int | str | None = Field(
         default=None, description="Number of features; default: the number of feature columns.", examples=[5]
     )
-    mini_batch_size: int | str | None = Field(default=None, description="Rows per mini-batch, >= 1 (default 5000).")
-    epochs: int | str | None = Field(default=None, description="Passes over the data, >= 1 (default 1).")
+    mini_batch_size: int | str | None = Field(
+        default=None,
+        description="Rows per mini-batch, >= 1 (default 5000); at most `CENTROID_MAX_MINI_BATCH_SIZE` (1000000).",
+    )
+    epochs: int | str | None = Field(
+        default=None, description="Passes over the data, >= 1 (default 1); at most `CENTROID_MAX_EPOCHS` (10000)."
+    )
     init_method: str | None = Field(default=None, description="`random` (default) or `kmeans++`.")
     extra_center_factor: int | str | None = Field(
-        default=None, description="Centers kept during streaming = k x this; int >= 1 or `auto` (10)."
+        default=None,
+        description="Centers kept during streaming = k x this; int >= 1 or `auto` (10); at most "
+        "`CENTROID_MAX_EXTRA_CENTER_FACTOR` (100).",
     )
-    local_lloyd_max_iter: int | str | None = Field(default=None, description="Lloyd iterations, >= 1 (default 300).")
+    local_lloyd_max_iter: int | str | None = Field(
+        default=None,
+        description="Lloyd iterations per trial, >= 1 (default 300); at most `CENTROID_MAX_LLOYD_ITERATIONS` (10000).",
+    )
     local_lloyd_tol: float | str | None = Field(default=None, description="Lloyd tolerance in [0, 1] (default 1e-4).")
     local_lloyd_init_method: str | None = Field(default=None, description="`kmeans++` (default) or `random`.")
     local_lloyd_num_trials: int | str | None = Field(
-        default=None, description="Lloyd restarts, best kept; int >= 1 or `auto` (10)."
+        default=None,
+        description="Lloyd restarts, best kept; int >= 1 or `auto` (10); at most `CENTROID_MAX_LLOYD_TRIALS` (100).",
     )
     half_life_time_size: int | str | None = Field(
         default=None, description="Points after which a center's weight halves; 0 = no decay (default)."

@@ -9,7 +9,11 @@ from pydantic import BaseModel, Field
 
 
 class Model(BaseModel):
-    """A trained or imported k-means model."""
+    """A trained or imported k-means model, described without its centroids (`GET /models/{id}/centroids`).
+
+    Every list here is bounded: `k` is at most `CENTROID_MAX_K`, and `k × feature_dim` at most
+    `CENTROID_MAX_CENTROID_VALUES`.
+    """
 
     id: str = Field(examples=["mdl-1c9a7f0e2b3d4a5c6e7f"])
     name: str = Field(examples=["workshop-k10"])
@@ -18,7 +22,7 @@ class Model(BaseModel):
     train_dataset_id: str | None = Field(description="The dataset it was trained on.")
     key_column: str | None = Field(description="Key column of the training dataset.", examples=["State"])
     feature_names: list[str] = Field(examples=[["Murder", "Assault", "UrbanPop", "Rape", "DensityPerMile"]])
-    k: int = Field(examples=[10])
+    k: int = Field(description="Number of clusters (at most `CENTROID_MAX_K`).", examples=[10])
     feature_dim: int = Field(examples=[5])
     hyperparameters: dict[str, Any] = Field(description="Hyperparameters it was trained with.")
     recipe: dict[str, Any] | None = Field(
@@ -28,7 +32,7 @@ class Model(BaseModel):
         description="train_msd, train_ssd and, with a test set, test_msd, test_ssd.",
         examples=[{"train_msd": 41.2, "train_ssd": 2060.0}],
     )
-    cluster_sizes: list[int] | None = Field(description="Training rows closest to each centroid.")
+    cluster_sizes: list[int] | None = Field(description="Training rows closest to each centroid (k entries).")
     engine_version: str | None = Field(description="Centroid engine version (null for SageMaker/imports).")
     seed: int | None = Field(description="Seed used for training, if any.")
     artifact_sha256: str = Field(description="SHA-256 of the SageMaker-format model.tar.gz.")

@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         "log_config": None,
         "access_log": False,
         "timeout_graceful_shutdown": 30,
+        **_http_options(settings),
     }
     if args.workers == 1:
         with _metrics_dir(create=False):
@@ -44,6 +45,17 @@ def _serve(args: argparse.Namespace) -> int:
             uvicorn.run(create_app(settings), **options)
         return 0
     return _serve_processes(args.workers, settings, options)
+
+
+def _http_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's httptools protocol with a header size limit and header and body timeouts
+    (``service.http_limits``; CENTROID_MAX_HEADER_BYTES, CENTROID_HEADER_TIMEOUT_SECONDS,
+    CENTROID_BODY_TIMEOUT_SECONDS, CENTROID_BODY_MIN_BYTES_PER_SECOND). By import string, so the
+    processes of ``--workers N`` load it too (and read the same limits from the environment)."""
+    from service.http_limits import BoundedHttpToolsProtocol, HttpLimits
+
+    BoundedHttpToolsProtocol.limits = HttpLimits.from_settings(settings)
+    return {"http": "service.http_limits:BoundedHttpToolsProtocol"}
 
 
 def _serve_processes(workers: int, settings: Settings, options: dict[str, Any]) -> int:

@@ -14,6 +14,7 @@ from service.backends import BackendRegistry
 from service.db.session import Database
 from service.endpoints.cache import ModelCache, ServingCatalog
 from service.endpoints.serving import ServingService
+from service.http_cache import RenderedCache
 from service.metrics import Metrics
 from service.settings import Settings
 from service.storage import LocalArtifactStore
@@ -33,6 +34,7 @@ class AppState:
     metrics: Metrics
     catalog: ServingCatalog
     serving: ServingService
+    rendered_reads: RenderedCache
 
 
 def app_state(request: Request) -> AppState:

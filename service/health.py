@@ -13,13 +13,13 @@ from service.deps import AppState, app_state
 router = APIRouter(tags=["operations"])
 
 
-_ALIVE = HealthStatus(status="ok").model_dump_json().encode()
+ALIVE_BODY = HealthStatus(status="ok").model_dump_json().encode()
 
 
 @router.get("/healthz", response_model=HealthStatus, summary="Is the process alive?")
 async def healthz() -> Response:
     """Answered on the event loop from a pre-rendered body: liveness costs nothing."""
-    return Response(_ALIVE, media_type="application/json")
+    return Response(ALIVE_BODY, media_type="application/json")
 
 
 @router.get(

@@ -21,6 +21,8 @@ from service.endpoints import router as endpoints_router
 from service.endpoints.cache import ModelCache, ServingCatalog
 from service.endpoints.serving import ServingService
 from service.errors import install_error_handlers
+from service.fast_lane import FastLane
+from service.http_cache import RenderedCache
 from service.jobs import router as jobs_router
 from service.logging_setup import configure_logging
 from service.metrics import Metrics
@@ -59,6 +61,7 @@ def build_state(settings: Settings) -> AppState:
         metrics=metrics,
         catalog=catalog,
         serving=ServingService(catalog, backends, settings, metrics, database),
+        rendered_reads=RenderedCache(),
     )
 
 
@@ -112,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.centroid = state
     install_error_handlers(app)
+    app.add_middleware(FastLane, state=state)
     app.add_middleware(
         EdgeMiddleware,
         metrics=state.metrics,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -32,6 +32,9 @@ TRAINING_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 JOB_STATUSES = ("Pending", "InProgress", "Completed", "Failed", "Stopping", "Stopped")
 ENDPOINT_STATUSES = ("Creating", "Updating", "InService", "Failed", "Deleting")
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Workers whose heartbeat is older are dead and not counted (the default of
+# ``Settings.resolved_worker_expiry_seconds``: 3 x the default 60 s lease).
+DEFAULT_WORKER_EXPIRY_SECONDS = 180.0
 
 
 def multiprocess_dir() -> str | None:
@@ -49,7 +52,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, worker_expiry_seconds: float = DEFAULT_WORKER_EXPIRY_SECONDS) -> None:
         self.multiprocess_dir = multiprocess_dir()
         # In multiprocess mode the metrics write to the shared files and are not registered
         # anywhere (the collector reads them back from the files; registered, they would appear twice).
@@ -73,7 +76,7 @@ class Metrics:
         self.registry = own if own is not None else CollectorRegistry()
         if self.multiprocess_dir:
             MultiProcessCollector(self.registry, path=self.multiprocess_dir)
-        self.registry.register(DatabaseCollector(database))
+        self.registry.register(DatabaseCollector(database, worker_expiry_seconds=worker_expiry_seconds))
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._prediction_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
 
@@ -100,10 +103,16 @@ class Metrics:
 
 
 class DatabaseCollector(Collector):
-    """Gauges and a histogram computed from the database when Prometheus scrapes."""
+    """Gauges and a histogram computed from the database when Prometheus scrapes.
 
-    def __init__(self, database: Database) -> None:
+    Workers count only while their heartbeat is younger than ``worker_expiry_seconds``: a worker
+    that died without unregistering (killed, or a shutdown that timed out) drops out of
+    ``centroid_workers`` at once, before a live worker deletes its row.
+    """
+
+    def __init__(self, database: Database, *, worker_expiry_seconds: float = DEFAULT_WORKER_EXPIRY_SECONDS) -> None:
         self.database = database
+        self.worker_expiry_seconds = worker_expiry_seconds
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -121,8 +130,11 @@ class DatabaseCollector(Collector):
                         TrainingJobTable.status == "Completed", TrainingJobTable.training_seconds.is_not(None)
                     )
                 ).all()
+                alive_since = utcnow() - timedelta(seconds=self.worker_expiry_seconds)
                 workers = session.execute(
-                    select(WorkerTable.id, WorkerTable.heartbeat_at, WorkerTable.last_poll_at)
+                    select(WorkerTable.id, WorkerTable.heartbeat_at, WorkerTable.last_poll_at).where(
+                        WorkerTable.heartbeat_at >= alive_since
+                    )
                 ).all()
         except SQLAlchemyError:
             yield GaugeMetricFamily("centroid_database_up", "Whether the database answered the scrape.", value=0)
@@ -150,7 +162,9 @@ def _histogram(name: str, documentation: str, values: list[float]) -> Metric:
 
 def _worker_gauges(workers: list[tuple[str, datetime, datetime | None]]) -> Iterator[Metric]:
     now = utcnow()
-    count = GaugeMetricFamily("centroid_workers", "Workers registered in the database.", value=len(workers))
+    count = GaugeMetricFamily(
+        "centroid_workers", "Live workers (heartbeat within the worker expiry).", value=len(workers)
+    )
     heartbeat = GaugeMetricFamily(
         "centroid_worker_heartbeat_age_seconds", "Seconds since each worker's last heartbeat.", labels=["worker"]
     )

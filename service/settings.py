@@ -46,6 +46,23 @@ class Settings(BaseSettings):
         default=100 * MIB, ge=1, description="Largest accepted request body, in bytes (413 above)."
     )
     max_columns: int = Field(default=10_000, ge=1, description="Most columns a dataset may have.")
+    # Ceilings on a derived dataset's recipe (a DAG of the datasets it reads, each stored once); a
+    # derive above one is refused with 400 before any data is read.
+    max_recipe_depth: int = Field(
+        default=32,
+        ge=1,
+        le=200,
+        description="Longest chain of derives from an upload to a derived dataset (an upload is depth 0).",
+    )
+    max_recipe_datasets: int = Field(
+        default=256, ge=1, description="Most distinct datasets in one recipe (the dataset itself included)."
+    )
+    max_recipe_steps: int = Field(
+        default=1_000, ge=1, description="Most steps in one recipe, over all the datasets it includes."
+    )
+    max_recipe_bytes: int = Field(
+        default=8 * MIB, ge=1024, description="Largest recipe, in bytes of JSON, a derived dataset may store."
+    )
     parquet_row_group_rows: int = Field(
         default=65_536, ge=1, description="Rows per Parquet row group (the unit training streams)."
     )
@@ -62,6 +79,23 @@ class Settings(BaseSettings):
         ge=1,
         description="Most bytes an imported model.tar.gz may decompress to; more (a gzip bomb, a member claiming "
         "gigabytes) is refused while streaming, before anything that size is held in memory.",
+    )
+    max_k: int = Field(
+        default=10_000,
+        ge=2,
+        description="Most clusters (centroids) a model may have: an import with more is refused (400) from the "
+        "archive's header, before the centroids are read; training jobs asking for more are refused too.",
+    )
+    max_centroid_values: int = Field(
+        default=1_000_000,
+        ge=2,
+        description="Most centroid coordinates (k x feature_dim) a model may have: bounds the model row, the "
+        "`/centroids` response and the memory serving it takes. Imports (and training jobs) above are refused.",
+    )
+    max_distance_cells: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Most distances (rows x k) one prediction with `include_distances` may return; more gets 413.",
     )
     serving_refresh_seconds: float = Field(
         default=0.25,
@@ -81,6 +115,41 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         description="How long a claimed job stays a worker's without a heartbeat; after that another worker takes it.",
+    )
+    # Ceilings on what one training job may ask for (SageMaker documents no upper bounds; its
+    # defaults and tuning ranges are far below these). A job above one is refused with 400.
+    max_epochs: int = Field(
+        default=10_000, ge=1, le=2**63 - 1, description="Most passes over the data (`epochs`) a job may ask for."
+    )
+    max_mini_batch_size: int = Field(
+        default=1_000_000,
+        ge=5_000,
+        le=2**63 - 1,
+        description="Largest `mini_batch_size` (rows held in memory at once while training).",
+    )
+    max_extra_center_factor: int = Field(
+        default=100,
+        ge=10,
+        le=2**63 - 1,
+        description="Largest `extra_center_factor` (k x this local centers are streamed over and reduced).",
+    )
+    max_lloyd_trials: int = Field(
+        default=100,
+        ge=10,
+        le=2**63 - 1,
+        description="Largest `local_lloyd_num_trials` (Lloyd restarts of the reduction).",
+    )
+    max_lloyd_iterations: int = Field(
+        default=10_000,
+        ge=300,
+        le=2**63 - 1,
+        description="Largest `local_lloyd_max_iter` (Lloyd iterations per reduction trial).",
+    )
+    worker_expiry_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="A worker whose heartbeat is older than this is dead: live workers delete its row and "
+        "/metrics stops counting it. Default: 3 x max(lease_seconds, worker_poll_interval).",
     )
     remote_poll_seconds: float = Field(
         default=15.0, gt=0, description="Seconds between status polls of remote (SageMaker) jobs and endpoints."
@@ -127,6 +196,30 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="Python logging level name.")
     log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")
+    # HTTP connection bounds of `centroid serve` (service/http_limits.py).
+    max_header_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="Most bytes of a request line plus headers; more gets 431 and the connection is closed.",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request's headers must be complete this long after its first byte (after the connection "
+        "opened, for the first request); otherwise 408 and the connection is closed.",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request's body must be complete this long after its headers, plus one second per "
+        "`body_min_bytes_per_second` bytes received; otherwise 408 and the connection is closed.",
+    )
+    body_min_bytes_per_second: int = Field(
+        default=10 * 1024,
+        ge=0,
+        description="The body rate that extends `body_timeout_seconds` (one second per this many bytes); "
+        "0: the whole body must arrive within `body_timeout_seconds`.",
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -142,6 +235,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'centroid.db').resolve()}"
+
+    @property
+    def resolved_worker_expiry_seconds(self) -> float:
+        """How old a worker's heartbeat may get before the worker counts as dead."""
+        return self.worker_expiry_seconds or 3 * max(self.lease_seconds, self.worker_poll_interval)
 
     @property
     def resolved_artifact_dir(self) -> Path:

@@ -8,8 +8,17 @@ A worker holds no state the database does not also hold, so it can be killed at 
   and the model row is unique per job, so a job never ends up in two models.
 * remote (SageMaker) jobs and endpoints are polled: claim, ask the backend, write, release with
   ``next_poll_at`` set. A restarted worker simply picks them up again.
-* SIGTERM (``request_shutdown``) makes a running training stop between mini-batches; the job is
-  then released back to Pending for another worker, not marked Stopped.
+* a stop request is noticed within :data:`STOP_POLL_SECONDS` (at once when the request was made
+  in this process or announced by PostgreSQL NOTIFY), and the engine honours it within a fraction
+  of a second wherever it is (streaming, reduction, evaluation).
+* SIGTERM (``request_shutdown``) makes a running training stop the same way; the job is then
+  released back to Pending for another worker, not marked Stopped.
+* :meth:`Worker.run` runs two loops: training jobs in the calling thread, endpoint transitions in
+  a thread of their own, so an endpoint comes into service (or is deleted) while a long training
+  runs. Both are woken by the same announcements; each claims under its own lease.
+* every worker heartbeats its row in ``workers``; rows whose heartbeat is older than
+  ``resolved_worker_expiry_seconds`` (workers that died without unregistering) are deleted by the
+  live ones.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -53,10 +64,37 @@ from service.models.service import ModelService, served_model
 log = logging.getLogger("centroid.worker")
 MAX_ATTEMPTS = 3
 ERROR_BACKOFF_SECONDS = (1.0, 60.0)
+STOP_POLL_SECONDS = 0.5  # how often a running job's stop flag is read (besides wake-ups)
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _Wakeup(threading.Event):
+    """The worker's wake-up: set by work announced in this process (``local_wakeups``) and by
+    PostgreSQL NOTIFY (``WorkListener``). Setting it also sets every attached event, so the
+    endpoint loop and a running job's stop watch hear the same announcements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._attached: set[threading.Event] = set()
+        self._lock = threading.Lock()
+
+    def attach(self, event: threading.Event) -> None:
+        with self._lock:
+            self._attached.add(event)
+
+    def detach(self, event: threading.Event) -> None:
+        with self._lock:
+            self._attached.discard(event)
+
+    def set(self) -> None:
+        super().set()
+        with self._lock:
+            attached = list(self._attached)
+        for event in attached:
+            event.set()
 
 
 @dataclass
@@ -70,6 +108,7 @@ class _RunningJob:
     lease_lost: bool = False
     shutdown: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
+    poke: threading.Event = field(default_factory=threading.Event)  # re-read the stop flag now
 
     def progress(self, points_processed: int, points_total: int) -> None:
         self.points_processed, self.points_total = points_processed, points_total
@@ -85,46 +124,75 @@ class Worker:
         self.db = state.database
         self.id = worker_id or new_worker_id()
         self.stopping = threading.Event()
-        self.wakeup = threading.Event()
+        self.wakeup = _Wakeup()
+        self._endpoint_wakeup = threading.Event()
+        self.wakeup.attach(self._endpoint_wakeup)
         local_wakeups.register(self.wakeup)
         self._listener = WorkListener(self.db, self.wakeup)
-        self._errors = 0
+        self._current_job: str | None = None
+        self._presence = threading.Lock()  # the loops and the lease thread all heartbeat the worker row
+        self._expired_at = 0.0  # monotonic time dead workers' rows were last deleted
 
-    # --- the loop -----------------------------------------------------------------------------
+    # --- the loops ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Work until :meth:`request_shutdown`; idle between polls; back off while the DB is down."""
+        """Work until :meth:`request_shutdown`: training jobs here, endpoints in a second thread."""
         log.info("worker started", extra={"worker_id": self.id})
         self._listener.start()
-        while not self.stopping.is_set():
-            try:
-                busy = self.run_once()
-                self._errors = 0
-            except SQLAlchemyError as exc:
-                self._errors += 1
-                delay = min(ERROR_BACKOFF_SECONDS[0] * 2 ** (self._errors - 1), ERROR_BACKOFF_SECONDS[1])
-                log.warning("database unavailable, retrying in %.1fs: %s", delay, type(exc).__name__)
-                self.stopping.wait(delay)
-                continue
-            if not busy:
-                self._idle()
-        self._listener.stop()
-        local_wakeups.unregister(self.wakeup)
-        self._unregister()
+        endpoints = threading.Thread(
+            target=self._loop,
+            args=(self._endpoint_step, self._endpoint_wakeup),
+            name=f"centroid-endpoints-{self.id}",
+            daemon=True,
+        )
+        endpoints.start()
+        try:
+            self._loop(self._job_step, self.wakeup)
+        finally:
+            self.stopping.set()
+            self._endpoint_wakeup.set()
+            endpoints.join()
+            self._listener.stop()
+            local_wakeups.unregister(self.wakeup)
+            self._unregister()
         log.info("worker stopped", extra={"worker_id": self.id})
 
     def request_shutdown(self) -> None:
         self.stopping.set()
         self.wakeup.set()
 
-    def _idle(self) -> None:
-        """Wait for a wake-up (work announced in this process or by PostgreSQL NOTIFY) or the poll."""
-        self.wakeup.wait(self.settings.worker_poll_interval)
-        self.wakeup.clear()
+    def _loop(self, step: Callable[[], bool], wakeup: threading.Event) -> None:
+        """Run ``step`` until shutdown; idle until a wake-up or the poll; back off after errors
+        (the database down, or a bug: neither loop may die while the other goes on)."""
+        errors = 0
+        while not self.stopping.is_set():
+            wakeup.clear()  # before the step: an announcement made during it is not lost
+            try:
+                busy = step()
+                errors = 0
+            except Exception as exc:  # noqa: BLE001
+                errors += 1
+                delay = min(ERROR_BACKOFF_SECONDS[0] * 2 ** (errors - 1), ERROR_BACKOFF_SECONDS[1])
+                if isinstance(exc, SQLAlchemyError):
+                    log.warning("database unavailable, retrying in %.1fs: %s", delay, type(exc).__name__)
+                else:
+                    log.exception("worker step failed, retrying in %.1fs", delay)
+                self.stopping.wait(delay)
+                continue
+            if not busy:
+                wakeup.wait(self.settings.worker_poll_interval)
+
+    def _job_step(self) -> bool:
+        self._heartbeat_worker()
+        return self._next_job()
+
+    def _endpoint_step(self) -> bool:
+        self._heartbeat_worker()
+        return self._next_endpoint()
 
     def run_once(self) -> bool:
-        """Handle at most one job and one endpoint; True if there was anything to do."""
-        self._heartbeat_worker(current_job=None)
+        """Handle at most one job and one endpoint, in this thread; True if there was anything to do."""
+        self._heartbeat_worker()
         did_job = self._next_job()
         did_endpoint = self._next_endpoint()
         return did_job or did_endpoint
@@ -173,12 +241,17 @@ class Worker:
             return
         running = _RunningJob(job.name, points_total=job.points_total, shutdown=self.stopping)
         heartbeat = threading.Thread(target=self._heartbeat_job, args=(running,), daemon=True, name=f"lease-{job.name}")
+        self._current_job = job.name
+        self.wakeup.attach(running.poke)
         heartbeat.start()
         try:
             update_ = backend.advance_training(self._spec(job), running)
         finally:
             running.finished.set()
+            running.poke.set()
             heartbeat.join()
+            self.wakeup.detach(running.poke)
+            self._current_job = None
         if running.lease_lost:
             log.warning("lost the lease on %s; another worker owns it now", job.name)
             return
@@ -206,19 +279,30 @@ class Worker:
         return owned
 
     def _heartbeat_job(self, running: _RunningJob) -> None:
+        """Extend the lease (and write progress) every lease/3 (at most 5 s); read the stop flag
+        every STOP_POLL_SECONDS, and at once when woken (a stop made here or NOTIFYed)."""
         interval = max(min(self.settings.lease_seconds / 3, 5.0), 0.05)
-        while not running.finished.wait(interval):
+        stop_poll = min(interval, STOP_POLL_SECONDS)
+        next_lease = time.monotonic() + interval
+        while True:
+            running.poke.wait(stop_poll)
+            running.poke.clear()
+            if running.finished.is_set():
+                return
             try:
                 with self.db.session() as session:
                     repository = JobRepository(session)
+                    running.stop_requested = running.stop_requested or repository.stop_requested(running.name)
+                    if time.monotonic() < next_lease:
+                        continue
                     owned = repository.heartbeat(
                         running.name,
                         self.id,
                         self.settings.lease_seconds,
                         {"points_processed": running.points_processed},
                     )
-                    running.stop_requested = running.stop_requested or repository.stop_requested(running.name)
-                self._heartbeat_worker(current_job=running.name)
+                next_lease = time.monotonic() + interval
+                self._heartbeat_worker()
             except SQLAlchemyError as exc:
                 log.warning("heartbeat failed (will retry): %s", type(exc).__name__)
                 continue
@@ -373,9 +457,11 @@ class Worker:
 
     # --- presence -----------------------------------------------------------------------------
 
-    def _heartbeat_worker(self, current_job: str | None) -> None:
-        now = utcnow()
-        with self.db.session() as session:
+    def _heartbeat_worker(self) -> None:
+        """Mark this worker alive (registering it if needed); now and then delete dead workers' rows."""
+        with self._presence, self.db.session() as session:
+            now = utcnow()
+            current_job = self._current_job
             updated = rows_affected(
                 session.execute(
                     update(WorkerTable)
@@ -396,6 +482,25 @@ class Worker:
                     )
                 )
             session.commit()
+        self._expire_dead_workers()
+
+    def _expire_dead_workers(self) -> None:
+        """Delete the rows of workers whose heartbeat is older than the expiry (at most every expiry/3)."""
+        expiry = self.settings.resolved_worker_expiry_seconds
+        if time.monotonic() - self._expired_at < expiry / 3:
+            return
+        self._expired_at = time.monotonic()
+        with self.db.session() as session:
+            gone = rows_affected(
+                session.execute(
+                    delete(WorkerTable).where(
+                        WorkerTable.heartbeat_at < utcnow() - timedelta(seconds=expiry), WorkerTable.id != self.id
+                    )
+                )
+            )
+            session.commit()
+        if gone:
+            log.info("expired %d dead worker(s)", gone, extra={"worker_id": self.id})
 
     def _unregister(self) -> None:
         try:

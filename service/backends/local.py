@@ -41,7 +41,7 @@ class LocalBackend:
         """Always usable."""
 
     def advance_training(self, spec: TrainingSpec, hooks: TrainingHooks) -> TrainingUpdate:
-        """Run the whole training now; the worker heartbeats meanwhile."""
+        """Run the whole training now; the worker heartbeats and watches for a stop meanwhile."""
         started = time.monotonic()
         estimator = WebScaleKMeans(spec.hyperparameters)
         train = ParquetBatchSource(spec.train.path, spec.train.columns)
@@ -79,7 +79,8 @@ class LocalBackend:
         return _timed(completed, started)
 
     def stop_training(self, spec: TrainingSpec) -> None:
-        """Local training notices ``stop_requested`` between mini-batches; nothing to send."""
+        """Local training notices ``stop_requested`` through the worker's hooks (the engine asks
+        between slices of every long step); nothing to send."""
 
     def advance_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
         """Check the model's artifact loads and matches its centroids; then it can serve."""

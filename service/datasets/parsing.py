@@ -19,7 +19,8 @@ import pandas as pd
 
 from service.errors import InvalidInput
 
-_NUMBER = re.compile(r"^[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
+NUMBER_PATTERN = r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_NUMBER = re.compile(f"^{NUMBER_PATTERN}$")
 _INTEGER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)$")
 _NON_FINITE = re.compile(r"(?i)^[+-]?(?:nan|inf|infinity)$")
 _INT64_LIMIT = 2**53  # beyond this, integers do not survive a trip through float64 math
@@ -177,14 +178,17 @@ def type_columns(frame: pd.DataFrame, key_column: str | None) -> ParsedTable:
     return ParsedTable(result, key_column)
 
 
-def _normalise_text(column: pd.Series) -> pd.Series:
+def _normalise_text(column: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(the cells as sent, the cells trimmed); a cell that is empty or only whitespace is null in both."""
     text = column.astype(object).where(column.notna(), None)
     stripped = text.map(lambda v: v.strip() if isinstance(v, str) else v)
-    return stripped.map(lambda v: None if v == "" else v)
+    stripped = stripped.map(lambda v: None if v == "" else v)
+    return text.where(stripped.notna(), None), stripped
 
 
 def _type_column(name: str, column: pd.Series, is_key: bool) -> pd.Series:
-    text = _normalise_text(column)
+    """Numbers and keys are read trimmed; a text column keeps its cells exactly as sent."""
+    exact, text = _normalise_text(column)
     present = text.dropna()
     if is_key:
         return text.astype("string")
@@ -196,11 +200,13 @@ def _type_column(name: str, column: pd.Series, is_key: bool) -> pd.Series:
         first = is_non_finite.idxmax()
         _raise_non_finite(name, first, present.loc[first])
     if not is_number.all():
-        return text.astype("string")
+        return exact.astype("string")
     digits = present.str.replace(",", "", regex=False)
     try:
         values = pd.to_numeric(digits, errors="raise").astype("float64")
-    except ValueError:  # an integer of more than 4300 digits, which Python's int() refuses; float() reads it
+    except (ValueError, OverflowError):
+        # An integer beyond float range (10**400: inf, refused below with its row and column), or of
+        # more than 4300 digits, which Python's int() refuses: float() reads the text of either.
         values = digits.map(float).astype("float64")
     infinite = values[~np.isfinite(values.to_numpy())]
     if not infinite.empty:

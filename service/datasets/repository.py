@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from service.db.pagination import paginate
 from service.db.tables import DatasetTable
@@ -25,7 +25,8 @@ class DatasetRepository:
         return row
 
     def page(self, offset: int, limit: int, name: str | None = None) -> tuple[list[DatasetTable], int]:
-        query = select(DatasetTable)
+        """A page of datasets without their recipes (``recipe_summary`` stands in for them)."""
+        query = select(DatasetTable).options(defer(DatasetTable.recipe, raiseload=True))
         if name is not None:
             query = query.where(DatasetTable.name == name)
         return paginate(

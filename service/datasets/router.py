@@ -11,11 +11,20 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.orm import Session
 
 from schemas.common import MAX_OFFSET, LimitQuery, OffsetQuery, Page, error_responses
-from schemas.datasets import Dataset, DatasetCreate, DatasetDetail, DatasetRows, DeriveRequest, no_control_chars
+from schemas.datasets import (
+    Dataset,
+    DatasetCreate,
+    DatasetDetail,
+    DatasetListItem,
+    DatasetRows,
+    DeriveRequest,
+    no_control_chars,
+)
 from service.datasets.parsing import DELIMITERS
 from service.datasets.service import DatasetService
+from service.datasets.transforms import RecipeLimits
 from service.deps import AppState, app_state, db_session
-from service.errors import UnsupportedMediaType
+from service.errors import InvalidInput, UnsupportedMediaType
 from service.jobs.repository import JobRepository
 from service.models.repository import ModelRepository
 from service.request_bodies import parse_json, read_upload, validate
@@ -87,6 +96,12 @@ def dataset_service(session: Session = Depends(db_session), state: AppState = De
         max_columns=state.settings.max_columns,
         row_group_rows=state.settings.parquet_row_group_rows,
         usage_checks=(_used_by_jobs, _used_by_models),
+        recipe_limits=RecipeLimits(
+            max_depth=state.settings.max_recipe_depth,
+            max_datasets=state.settings.max_recipe_datasets,
+            max_steps=state.settings.max_recipe_steps,
+            max_bytes=state.settings.max_recipe_bytes,
+        ),
     )
 
 
@@ -109,11 +124,21 @@ async def create_dataset(request: Request, service: Service) -> Any:
     if content_type == "multipart/form-data":
         return await _create_from_upload(request, service)
     if content_type == "application/json":
-        payload = validate(DatasetCreate, parse_json(await request.body()))
+        payload = validate(DatasetCreate, _json_document(await request.body()))
         return await run_in_threadpool(service.create_from_rows, payload)
     raise UnsupportedMediaType(
         f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data or application/json"
     )
+
+
+def _json_document(body: bytes) -> Any:
+    try:
+        return parse_json(body)
+    except ValueError as exc:  # not a JSONDecodeError: an integer of more than 4300 digits, which int() refuses
+        raise InvalidInput(
+            "the body holds an integer too long to read (more than 4300 digits); no column can hold it",
+            details={"reason": str(exc)[:200]},
+        ) from exc
 
 
 async def _create_from_upload(request: Request, service: DatasetService) -> Any:
@@ -128,16 +153,22 @@ async def _create_from_upload(request: Request, service: DatasetService) -> Any:
     )
 
 
-@router.get("", response_model=Page[Dataset], summary="List datasets, newest first", responses=error_responses(422))
+@router.get(
+    "", response_model=Page[DatasetListItem], summary="List datasets, newest first", responses=error_responses(422)
+)
 def list_datasets(
     service: Service,
     offset: OffsetQuery = 0,
     limit: LimitQuery = 50,
     name: Annotated[str | None, Query(max_length=200, description="Only datasets with this name.")] = None,
 ) -> Any:
+    """Items carry `recipe_summary` instead of the recipe (`GET /datasets/{id}` has it)."""
     rows, total = service.page(offset, limit, name)
-    return Page[Dataset](
-        items=[Dataset.model_validate(r, from_attributes=True) for r in rows], total=total, offset=offset, limit=limit
+    return Page[DatasetListItem](
+        items=[DatasetListItem.model_validate(r, from_attributes=True) for r in rows],
+        total=total,
+        offset=offset,
+        limit=limit,
     )
 
 
@@ -183,9 +214,26 @@ def get_rows(
     summary="Download a dataset as CSV",
     responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}, **error_responses(404, 422)},
 )
-def download_csv(dataset_id: str, service: Service) -> CSVResponse:
+def download_csv(
+    dataset_id: str,
+    service: Service,
+    spreadsheet_safe: Annotated[
+        bool,
+        Query(
+            description="Neutralise text cells a spreadsheet would run as a formula (those starting with `=`, `+`, "
+            "`-`, `@`, a tab or a carriage return, unless the whole cell is a number) by prefixing a single quote "
+            "`'`, as OWASP's CSV-injection guidance advises; header names too. Numeric columns are never changed. "
+            "Default: every cell exactly as stored."
+        ),
+    ] = False,
+) -> CSVResponse:
+    """Cells come back exactly as stored (text cells as uploaded, numbers as floats or integers); pass
+    `spreadsheet_safe=true` for a file meant to be opened in a spreadsheet."""
     row = service.get(dataset_id)
-    return CSVResponse(service.csv_chunks(row), headers={"Content-Disposition": f'attachment; filename="{row.id}.csv"'})
+    return CSVResponse(
+        service.csv_chunks(row, spreadsheet_safe=spreadsheet_safe),
+        headers={"Content-Disposition": f'attachment; filename="{row.id}.csv"'},
+    )
 
 
 @router.post(

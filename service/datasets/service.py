@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import PurePath
 from typing import Any
@@ -12,10 +14,22 @@ import pandas as pd
 import pyarrow.parquet as pq
 from sqlalchemy.orm import Session
 
-from schemas.datasets import DatasetCreate, DeriveRequest
-from service.datasets.parsing import frame_from_rows, read_csv_text, type_columns
+from schemas.datasets import DatasetCreate, DeriveRequest, JoinStep
+from service.datasets.parsing import NUMBER_PATTERN, frame_from_rows, read_csv_text, type_columns
 from service.datasets.repository import DatasetRepository
-from service.datasets.transforms import Recipe, Table, apply_steps, ensure_unique_key, is_numeric
+from service.datasets.transforms import (
+    Recipe,
+    RecipeLimits,
+    RecipeSize,
+    Table,
+    apply_steps,
+    check_recipe,
+    derived_recipe,
+    ensure_unique_key,
+    is_numeric,
+    recipe_size,
+    recipe_summary,
+)
 from service.db.changes import bump_serving
 from service.db.tables import DatasetTable
 from service.errors import Conflict, InvalidInput
@@ -52,8 +66,10 @@ class DatasetService:
         max_columns: int,
         row_group_rows: int,
         usage_checks: Sequence[UsageCheck] = (),
+        recipe_limits: RecipeLimits | None = None,
     ) -> None:
         self.session = session
+        self.recipe_limits = recipe_limits or RecipeLimits()
         self.usage_checks = list(usage_checks)
         self.repository = DatasetRepository(session)
         self.store = store
@@ -78,18 +94,32 @@ class DatasetService:
         return self._store_new(request.name, Table(parsed.frame, parsed.key_column), recipe)
 
     def derive(self, parent_id: str, request: DeriveRequest) -> DatasetTable:
+        """Apply the steps; the recipe names the parent and each join's dataset by id (a DAG).
+
+        The recipe's ceilings are checked from the inputs' stored recipes before any data is read,
+        and once more (its bytes) with the fitted steps.
+        """
         parent = self.repository.get(parent_id)
-        table, fitted = apply_steps(self.load_table(parent), request.steps, self._load_with_recipe)
+        inputs = {parent.id: parent}
+        for step in request.steps:
+            if isinstance(step, JoinStep) and step.dataset_id not in inputs:
+                inputs[step.dataset_id] = self.repository.get(step.dataset_id)
+        recipes = {dataset_id: row.recipe for dataset_id, row in inputs.items()}
+        planned = [
+            {"op": step.op, "dataset_id": step.dataset_id} if isinstance(step, JoinStep) else {"op": step.op}
+            for step in request.steps
+        ]
+        check_recipe(derived_recipe(parent.id, planned, recipes), self.recipe_limits)
+        table, fitted = apply_steps(
+            self.load_table(parent), request.steps, lambda dataset_id: self.load_table(inputs[dataset_id])
+        )
         ensure_unique_key(table)
-        recipe: Recipe = {"source": "derived", "parent_id": parent.id, "parent": parent.recipe, "steps": fitted}
-        return self._store_new(request.name, table, recipe)
+        recipe = derived_recipe(parent.id, fitted, recipes)
+        return self._store_new(request.name, table, recipe, check_recipe(recipe, self.recipe_limits))
 
-    def _load_with_recipe(self, dataset_id: str) -> tuple[Table, Recipe]:
-        row = self.repository.get(dataset_id)
-        return self.load_table(row), row.recipe
-
-    def _store_new(self, name: str, table: Table, recipe: Recipe) -> DatasetTable:
+    def _store_new(self, name: str, table: Table, recipe: Recipe, size: RecipeSize | None = None) -> DatasetTable:
         """Write the Parquet file and the row together: both land, or neither does."""
+        summary = recipe_summary(recipe, size or recipe_size(recipe))
         dataset_id = new_id("ds")
         key = f"{DATASET_PREFIX}/{dataset_id}.parquet"
         frame = table.frame.reset_index(drop=True)
@@ -104,6 +134,7 @@ class DatasetService:
                 size_bytes=staged.path.stat().st_size,
                 storage_key=key,
                 recipe=recipe,
+                recipe_summary=summary,
             )
             self.repository.add(row)
             staged.publish()
@@ -141,30 +172,101 @@ class DatasetService:
             return []
         return json_cells(pd.concat(pieces, ignore_index=True))
 
-    def csv_chunks(self, row: DatasetTable) -> Iterator[bytes]:
-        """The dataset as CSV, streamed row group by row group."""
+    def csv_chunks(self, row: DatasetTable, *, spreadsheet_safe: bool = False) -> Iterator[bytes]:
+        """The dataset as CSV, streamed row group by row group.
+
+        Cells are written exactly as stored. With ``spreadsheet_safe``, text cells (and header names)
+        that a spreadsheet would evaluate as a formula get a leading ``'`` (see :func:`neutralise_formulas`).
+        """
         parquet = pq.ParquetFile(self.store.path(row.storage_key))
         header = True
         for batch in parquet.iter_batches(batch_size=CSV_CHUNK_ROWS):
+            frame = batch.to_pandas()
+            if spreadsheet_safe:
+                frame = neutralise_formulas(frame)
+            # The csv module quotes a cell holding "\n" but not one holding a lone "\r", which every
+            # reader then takes for a line break: such a batch quotes all its text cells instead.
+            quoting = csv.QUOTE_NONNUMERIC if _holds_carriage_return(frame) else csv.QUOTE_MINIMAL
             buffer = io.StringIO()
-            batch.to_pandas().to_csv(buffer, index=False, header=header, lineterminator="\n")
+            frame.to_csv(buffer, index=False, header=header, lineterminator="\n", quoting=quoting)
             header = False
             yield buffer.getvalue().encode("utf-8")
 
     # --- deletion -----------------------------------------------------------------------------
 
     def delete(self, dataset_id: str) -> None:
+        """Delete a dataset nothing uses; 409 naming its users otherwise.
+
+        Safe against a concurrent job or model creation naming it: on PostgreSQL the row is locked
+        first (the other request commits before the check, which then sees it, or finds the dataset
+        gone); on SQLite the foreign key refuses the delete and the users are read again to say why.
+        """
+        from sqlalchemy.exc import IntegrityError
+
+        from service.errors import NotFound
+
         row = self.repository.get(dataset_id)
-        users = [ref for check in self.usage_checks for ref in check(self.session, dataset_id)]
-        if users:
-            raise Conflict(
-                f"dataset {dataset_id!r} is still used by {', '.join(users[:5])}", details={"used_by": users}
-            )
         key = row.storage_key
-        self.repository.delete(row)
-        bump_serving(self.session)  # every process drops its cached reads of this dataset
-        self.session.commit()
+
+        def refuse_if_used() -> None:
+            users = [ref for check in self.usage_checks for ref in check(self.session, dataset_id)]
+            if users:
+                raise Conflict(
+                    f"dataset {dataset_id!r} is still used by {', '.join(users[:5])}", details={"used_by": users}
+                )
+
+        if self.session.get(DatasetTable, dataset_id, with_for_update=True) is None:
+            raise NotFound(f"dataset {dataset_id!r} not found", details={"dataset_id": dataset_id})
+        refuse_if_used()
+        try:
+            self.repository.delete(row)
+            bump_serving(self.session)  # every process drops its cached reads of this dataset
+            self.session.commit()
+        except IntegrityError as exc:  # a job or model started using it after the check
+            self.session.rollback()
+            refuse_if_used()
+            raise Conflict(
+                f"dataset {dataset_id!r} was taken into use by a concurrent request; retry",
+                details={"dataset_id": dataset_id},
+            ) from exc
         self.store.delete(key)
+
+
+# OWASP's CSV-injection guidance: a cell starting with one of these is a formula to a spreadsheet.
+_FORMULA_START = r"^[=+\-@\t\r]"
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Prefix ``'`` to text cells (and column names) a spreadsheet would run as a formula.
+
+    Numeric columns are untouched, and so are text cells that are a number as a whole (``-3``,
+    ``+1.5e3``): a spreadsheet reads those as numbers, and a negative number is data, not an attack.
+    Work is columnar (vectorised string matching per text column).
+    """
+    columns = {name: _neutralise_cell(str(name)) for name in frame.columns}
+    out = frame.rename(columns=columns) if any(k != v for k, v in columns.items()) else frame.copy()
+    for position in range(frame.shape[1]):
+        series = frame.iloc[:, position]
+        if is_numeric(series) or pd.api.types.is_bool_dtype(series.dtype):
+            continue
+        text = series.astype("string")
+        risky = text.str.contains(_FORMULA_START, regex=True) & ~text.str.fullmatch(NUMBER_PATTERN)
+        risky = risky.fillna(False).astype(bool)
+        if risky.any():
+            out.iloc[:, position] = text.where(~risky, "'" + text)
+    return out
+
+
+def _holds_carriage_return(frame: pd.DataFrame) -> bool:
+    for position in range(frame.shape[1]):
+        series = frame.iloc[:, position]
+        if not is_numeric(series) and series.astype("string").str.contains("\r", regex=False).any():
+            return True
+    return False
+
+
+def _neutralise_cell(text: str) -> str:
+    return "'" + text if re.match(_FORMULA_START, text) and not re.fullmatch(NUMBER_PATTERN, text) else text
 
 
 def sweep_orphan_files(session: Session, store: LocalArtifactStore, grace_seconds: float) -> list[str]:

@@ -3,13 +3,28 @@
 Applying a step *fits* it (a scaler's min/max, a fill value) and returns the fitted form, which the
 new dataset's recipe keeps. :func:`replay` applies a recipe's fitted steps to raw rows that
 arrive later (a prediction request), so they are transformed exactly like the training data.
+
+Recipes name their inputs by reference. A derived dataset's recipe is its own *node* — ``source:
+derived``, ``parent_id``, its fitted ``steps`` (a join names the other side's ``dataset_id``) —
+plus ``inputs``: the node of every dataset it reads from, directly or through others, keyed by
+dataset id and stored **once** however often it is reached. A recipe is therefore a DAG whose
+size is linear in the datasets it includes (deriving ``D`` from ``D`` joined with ``D`` sixteen
+times adds sixteen nodes, not 2**16 copies), and it is self-contained: it stays usable when the
+datasets it names are deleted. Everything that walks a recipe (:func:`replay`,
+:func:`column_lineage`, the compiler in :mod:`service.datasets.online`) goes through
+:func:`fold_recipe`, which visits each node once per call.
+
+Recipes stored before this form nested the parent's whole recipe as ``parent`` and each join's as
+``right``; :func:`recipe_graph` reads them too (migration 0004 rewrites stored ones).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -36,7 +51,8 @@ class Table:
     key_column: str | None
 
 
-TableLoader = Callable[[str], tuple[Table, Recipe]]
+TableLoader = Callable[[str], Table]
+T = TypeVar("T")
 
 
 def is_numeric(series: pd.Series) -> bool:
@@ -94,6 +110,8 @@ def _apply(table: Table, step: DeriveStep, load: TableLoader) -> tuple[Table, Fi
     record = step.model_dump(mode="json")
     if isinstance(step, DropNaStep):
         return _dropna(table, step), record
+    if record["op"] in ("select", "drop"):
+        record["columns"] = list(dict.fromkeys(record["columns"]))  # a name repeated is stored once
     return apply_shape_step(table, record), record
 
 
@@ -101,7 +119,7 @@ def _join(left: Table, step: JoinStep, load: TableLoader) -> tuple[Table, Fitted
     on = step.on or left.key_column
     if on is None:
         raise InvalidInput("join needs `on` because this dataset has no key column")
-    right, right_recipe = load(step.dataset_id)
+    right = load(step.dataset_id)
     for side, table in (("this dataset", left), (f"dataset {step.dataset_id}", right)):
         if on not in table.frame.columns:
             raise InvalidInput(f"join column {on!r} is missing from {side}", details={"on": on})
@@ -120,7 +138,7 @@ def _join(left: Table, step: JoinStep, load: TableLoader) -> tuple[Table, Fitted
     merged = left.frame.assign(**{on: left.frame[on].astype("string")}).merge(
         right.frame.assign(**{on: right.frame[on].astype("string")}), on=on, how=step.how, sort=False
     )
-    record = {**step.model_dump(mode="json"), "on": on, "right": right_recipe}
+    record = {**step.model_dump(mode="json"), "on": on}  # the other side by reference: its dataset_id
     return Table(merged.reset_index(drop=True), left.key_column or on), record
 
 
@@ -184,6 +202,11 @@ def _fit_fill(table: Table, step: FillNaStep) -> dict[str, Any]:
     require_columns(table, columns, "fillna")
     if step.strategy == "constant" and step.value is None:
         raise InvalidInput("fillna: `value` is required with strategy `constant`")
+    if step.strategy == "constant" and isinstance(step.value, int) and not _fits_a_float(step.value):
+        raise InvalidInput(
+            f"fillna: `value` ({_describe_integer(step.value)}) is beyond the range of a 64-bit float (about 1.8e308)",
+            details={"field": "value", "limit": "1.7976931348623157e308"},
+        )
     values: dict[str, Any] = {}
     for name in columns:
         numeric = is_numeric(table.frame[name])
@@ -199,6 +222,19 @@ def _fit_fill(table: Table, step: FillNaStep) -> dict[str, Any]:
         else:
             values[name] = step.value
     return values
+
+
+def _fits_a_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _describe_integer(value: int) -> str:
+    """A huge integer for an error message: its size, not its digits (``str`` refuses > 4300 digits)."""
+    return f"an integer of about {int(abs(value).bit_length() * 0.30103) + 1} digits"
 
 
 def apply_fill(table: Table, record: FittedStep) -> Table:
@@ -246,24 +282,29 @@ def replay(recipe: Recipe, raw: pd.DataFrame) -> pd.DataFrame:
     """Transform raw rows the way ``recipe`` transformed its dataset.
 
     Rows are never dropped or joined here: a join's other side is replayed on the same raw rows
-    and its columns are added alongside. Raw rows name the columns of the original uploads.
+    and its columns are added alongside. Raw rows name the columns of the original uploads. Each
+    dataset of the recipe is replayed once, however many times it is reached.
     """
-    if recipe.get("source") != "derived":
-        return raw[[c for c in recipe.get("columns", raw.columns) if c in raw.columns]]
-    table = Table(replay(recipe["parent"], raw), None)
-    for record in recipe["steps"]:
-        op = record["op"]
-        if op == "join":
-            right = replay(record["right"], raw)
-            extra = [c for c in right.columns if c not in table.frame.columns]
-            table = Table(pd.concat([table.frame, right[extra]], axis=1), None)
-        elif op == "scale":
-            table = _replay_scale(table, record)
-        elif op == "fillna":
-            table = apply_fill(table, record)
-        elif op in ("select", "drop", "rename"):
-            table = _replay_shape(table, record)
-    return table.frame
+
+    def visit(node: Recipe, resolve: Callable[[str], pd.DataFrame]) -> pd.DataFrame:
+        if node.get("source") != "derived":
+            return raw[[c for c in node.get("columns", raw.columns) if c in raw.columns]]
+        table = Table(resolve(node["parent_id"]), None)
+        for record in node["steps"]:
+            op = record["op"]
+            if op == "join":
+                right = resolve(record["dataset_id"])
+                extra = [c for c in right.columns if c not in table.frame.columns]
+                table = Table(pd.concat([table.frame, right[extra]], axis=1), None)
+            elif op == "scale":
+                table = _replay_scale(table, record)
+            elif op == "fillna":
+                table = apply_fill(table, record)
+            elif op in ("select", "drop", "rename"):
+                table = _replay_shape(table, record)
+        return table.frame
+
+    return fold_recipe(recipe, visit)
 
 
 def _replay_scale(table: Table, record: FittedStep) -> Table:
@@ -296,24 +337,28 @@ class Lineage:
 
 def column_lineage(recipe: Recipe) -> dict[str, Lineage]:
     """Each column of a recipe's dataset traced back to an uploaded column."""
-    if recipe.get("source") != "derived":
-        return {name: Lineage(name) for name in recipe.get("columns", [])}
-    lineage = column_lineage(recipe["parent"])
-    for record in recipe["steps"]:
-        op = record["op"]
-        if op == "join":
-            lineage = {**column_lineage(record["right"]), **lineage}
-        elif op == "scale":
-            for name, params in record["params"].items():
-                single = {**record, "params": {name: params}}
-                lineage[name] = Lineage(lineage[name].raw_name, (*lineage[name].scalings, single))
-        elif op == "rename":
-            lineage = {record["mapping"].get(name, name): value for name, value in lineage.items()}
-        elif op == "select":
-            lineage = {name: lineage[name] for name in lineage if name in record["columns"]}
-        elif op == "drop":
-            lineage = {name: value for name, value in lineage.items() if name not in record["columns"]}
-    return lineage
+
+    def visit(node: Recipe, resolve: Callable[[str], dict[str, Lineage]]) -> dict[str, Lineage]:
+        if node.get("source") != "derived":
+            return {name: Lineage(name) for name in node.get("columns", [])}
+        lineage = dict(resolve(node["parent_id"]))
+        for record in node["steps"]:
+            op = record["op"]
+            if op == "join":
+                lineage = {**resolve(record["dataset_id"]), **lineage}
+            elif op == "scale":
+                for name, params in record["params"].items():
+                    single = {**record, "params": {name: params}}
+                    lineage[name] = Lineage(lineage[name].raw_name, (*lineage[name].scalings, single))
+            elif op == "rename":
+                lineage = {record["mapping"].get(name, name): value for name, value in lineage.items()}
+            elif op == "select":
+                lineage = {name: lineage[name] for name in lineage if name in record["columns"]}
+            elif op == "drop":
+                lineage = {name: value for name, value in lineage.items() if name not in record["columns"]}
+        return lineage
+
+    return fold_recipe(recipe, visit)
 
 
 def unscale_column(values: np.ndarray, lineage: Lineage) -> np.ndarray:
@@ -322,3 +367,177 @@ def unscale_column(values: np.ndarray, lineage: Lineage) -> np.ndarray:
         (params,) = record["params"].values()
         values = unscale_values(values, record["method"], params, record["feature_range"])
     return values
+
+
+# --- recipes as DAGs of datasets, by reference ---------------------------------------------------
+
+
+class RecipeError(ValueError):
+    """A stored recipe names an input it does not include, or reaches itself (never made by Centroid)."""
+
+
+@dataclass(frozen=True)
+class RecipeGraph:
+    """A recipe as its own node plus the nodes of every dataset it reads from, each once, by id."""
+
+    root: Recipe
+    nodes: Mapping[str, Recipe]
+
+
+@dataclass(frozen=True)
+class RecipeSize:
+    depth: int  # longest chain of derives down to an upload (an upload is 0)
+    datasets: int  # distinct datasets, the recipe's own included
+    steps: int  # steps over all of them
+    bytes: int  # the stored recipe's JSON
+
+
+@dataclass(frozen=True)
+class RecipeLimits:
+    """The recipe ceilings (``CENTROID_MAX_RECIPE_*``); a derive above one gets 400."""
+
+    max_depth: int = 32
+    max_datasets: int = 256
+    max_steps: int = 1_000
+    max_bytes: int = 8 * 1024 * 1024
+
+
+def is_derived(recipe: Recipe) -> bool:
+    return recipe.get("source") == "derived"
+
+
+def input_ids(node: Recipe) -> list[str]:
+    """The datasets one node reads directly: its parent, then each join's other side (each once)."""
+    if not is_derived(node):
+        return []
+    ids = [node["parent_id"], *(record["dataset_id"] for record in node["steps"] if record["op"] == "join")]
+    return list(dict.fromkeys(ids))
+
+
+def recipe_graph(recipe: Recipe) -> RecipeGraph:
+    """The recipe's node and its inputs; reads the by-reference form and the older nested one."""
+    if not is_derived(recipe):
+        return RecipeGraph(recipe, {})
+    if "parent" not in recipe:
+        root = {key: value for key, value in recipe.items() if key != "inputs"}
+        return RecipeGraph(root, recipe.get("inputs") or {})
+    nodes: dict[str, Recipe] = {}
+    return RecipeGraph(_unnest(recipe, nodes), nodes)
+
+
+def _unnest(recipe: Recipe, nodes: dict[str, Recipe]) -> Recipe:
+    """A nested (pre-0004) recipe's node, registering every nested recipe once under its dataset id.
+
+    A dataset reached twice is walked once (its id is seen first), so even a recipe that doubled
+    at each level costs time linear in the distinct datasets, beyond parsing its JSON.
+    """
+    if not is_derived(recipe):
+        return recipe
+    if "parent" not in recipe:  # already by reference (not expected inside a nested recipe)
+        nodes.update(recipe.get("inputs") or {})
+        return {key: value for key, value in recipe.items() if key != "inputs"}
+
+    def reference(inner: Recipe, dataset_id: str | None) -> str:
+        node_id = dataset_id or _content_id(inner)
+        if node_id not in nodes:
+            nodes[node_id] = _unnest(inner, nodes)
+        return node_id
+
+    node = {key: value for key, value in recipe.items() if key != "parent"}
+    node["parent_id"] = reference(recipe["parent"], recipe.get("parent_id"))
+    steps = []
+    for record in recipe["steps"]:
+        if record.get("op") == "join" and "right" in record:
+            right_id = reference(record["right"], record.get("dataset_id"))
+            record = {**{key: value for key, value in record.items() if key != "right"}, "dataset_id": right_id}
+        steps.append(record)
+    node["steps"] = steps
+    return node
+
+
+def _content_id(recipe: Recipe) -> str:
+    """A stable id for a nested recipe that carries none (hand-made ones; Centroid always named them)."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"~{digest[:24]}"
+
+
+def fold_recipe(recipe: Recipe, visit: Callable[[Recipe, Callable[[str], T]], T]) -> T:
+    """``visit(node, resolve)`` on the recipe's own node, where ``resolve(dataset_id)`` is the visit
+    of that input: each node is visited once per call (memoized), so the work is linear in the DAG."""
+    graph = recipe_graph(recipe)
+    done: dict[str, T] = {}
+    active: set[str] = set()
+
+    def resolve(dataset_id: str) -> T:
+        if dataset_id in done:
+            return done[dataset_id]
+        node = graph.nodes.get(dataset_id)
+        if node is None or dataset_id in active:
+            why = "reaches itself" if node is not None else "does not include it"
+            raise RecipeError(f"the recipe names dataset {dataset_id!r} but {why}")
+        active.add(dataset_id)
+        done[dataset_id] = visit(node, resolve)
+        active.discard(dataset_id)
+        return done[dataset_id]
+
+    return visit(graph.root, resolve)
+
+
+def derived_recipe(parent_id: str, steps: Sequence[FittedStep], inputs: Mapping[str, Recipe]) -> Recipe:
+    """A derived dataset's recipe: its node (``parent_id``, ``steps``) and ``inputs``, the node of
+    every dataset it reads from, each once. ``inputs`` maps each dataset the steps read directly
+    (the parent and each join's other side) to that dataset's own stored recipe."""
+    nodes: dict[str, Recipe] = {}
+    for dataset_id, recipe in inputs.items():
+        graph = recipe_graph(recipe)
+        for node_id, node in graph.nodes.items():
+            nodes.setdefault(node_id, node)
+        nodes.setdefault(dataset_id, graph.root)
+    return {"source": "derived", "parent_id": parent_id, "steps": list(steps), "inputs": nodes}
+
+
+def recipe_size(recipe: Recipe) -> RecipeSize:
+    """Depth, distinct datasets, steps and JSON bytes of a recipe (linear in its size)."""
+    graph = recipe_graph(recipe)
+
+    def depth(node: Recipe, resolve: Callable[[str], int]) -> int:
+        return 1 + max(resolve(dataset_id) for dataset_id in input_ids(node)) if is_derived(node) else 0
+
+    nodes = [graph.root, *graph.nodes.values()]
+    return RecipeSize(
+        depth=fold_recipe(recipe, depth),
+        datasets=len(nodes),
+        steps=sum(len(node.get("steps", ())) for node in nodes if is_derived(node)),
+        bytes=len(json.dumps(recipe, separators=(",", ":"), ensure_ascii=False).encode()),
+    )
+
+
+def check_recipe(recipe: Recipe, limits: RecipeLimits) -> RecipeSize:
+    """The recipe's size, or InvalidInput (400) naming the ceiling it is above."""
+    size = recipe_size(recipe)
+    for value, limit, what, setting in (
+        (size.depth, limits.max_depth, "derives deep (from an upload)", "CENTROID_MAX_RECIPE_DEPTH"),
+        (size.datasets, limits.max_datasets, "datasets (itself included)", "CENTROID_MAX_RECIPE_DATASETS"),
+        (size.steps, limits.max_steps, "steps over all its datasets", "CENTROID_MAX_RECIPE_STEPS"),
+        (size.bytes, limits.max_bytes, "bytes of JSON", "CENTROID_MAX_RECIPE_BYTES"),
+    ):
+        if value > limit:
+            raise InvalidInput(
+                f"the derived dataset's recipe would be {value} {what}; at most {limit} are allowed ({setting})",
+                details={"limit": limit, "value": value, "setting": setting},
+            )
+    return size
+
+
+def recipe_summary(recipe: Recipe, size: RecipeSize) -> dict[str, Any]:
+    """What listings show instead of the recipe (``GET /datasets``)."""
+    graph = recipe_graph(recipe)
+    return {
+        "source": recipe.get("source"),
+        "parent_id": graph.root.get("parent_id"),
+        "inputs": input_ids(graph.root),
+        "depth": size.depth,
+        "datasets": size.datasets,
+        "steps": size.steps,
+        "bytes": size.bytes,
+    }

@@ -28,6 +28,9 @@ class DatasetTable(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(300))
     recipe: Mapped[dict[str, Any]] = mapped_column()
+    # Source, parent, direct inputs, depth, datasets, steps and bytes of ``recipe``: what listings
+    # show, so they never read recipes (migration 0004 filled it in for older rows).
+    recipe_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 

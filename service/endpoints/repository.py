@@ -34,6 +34,22 @@ class EndpointRepository:
             raise NotFound(f"endpoint {name!r} not found", details={"name": name})
         return row
 
+    def get_for_update(self, name: str) -> EndpointTable:
+        """The endpoint's row, fresh and locked until the transaction ends (``FOR UPDATE`` on PostgreSQL)."""
+        query = (
+            select(EndpointTable)
+            .where(EndpointTable.name == name)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        row = self.session.scalars(query).one_or_none()
+        if row is None:
+            raise NotFound(f"endpoint {name!r} not found", details={"name": name})
+        return row
+
+    def exists(self, name: str) -> bool:
+        return self.session.scalar(select(EndpointTable.name).where(EndpointTable.name == name)) is not None
+
     def page(self, offset: int, limit: int, status: str | None) -> tuple[list[EndpointTable], int]:
         query = select(EndpointTable)
         if status is not None:

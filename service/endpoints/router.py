@@ -80,8 +80,10 @@ def get_endpoint(name: str, service: Service) -> Any:
 )
 def switch_model(name: str, request: EndpointModelSwitch, service: Service) -> Any:
     """The endpoint becomes `Updating`; the current model keeps serving every request until the
-    new one is loaded, then the switch is atomic. No request fails during the switch."""
-    return view(service.switch_model(name, request.model_id))
+    new one is loaded, then the switch is atomic. No request fails during the switch. A model with
+    other feature names than the endpoint serves gets 409 naming both lists, unless the request sets
+    `allow_feature_change: true`."""
+    return view(service.switch_model(name, request.model_id, allow_feature_change=request.allow_feature_change))
 
 
 @router.delete(

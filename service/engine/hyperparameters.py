@@ -3,6 +3,13 @@
 Names, ranges and defaults follow SageMaker's built-in KMeans so one recipe can train locally or on
 SageMaker. SageMaker sends every value as a string, so :meth:`KMeansHyperparameters.from_mapping`
 accepts both strings and native values, and reports *all* problems at once.
+
+SageMaker documents no upper bounds, but every value here costs work (``epochs`` passes,
+``local_lloyd_num_trials`` x ``local_lloyd_max_iter`` Lloyd iterations, k x
+``extra_center_factor`` local centers, ``mini_batch_size`` rows in memory at once). Integers
+are capped at :data:`MAX_INT` (a signed 64-bit column) whatever the caller, and
+``from_mapping(..., ceilings=...)`` refuses values above the caller's own limits (the service
+passes its configured ceilings; the engine itself reads no settings).
 """
 
 from __future__ import annotations
@@ -20,7 +27,17 @@ AUTO: Final = "auto"
 AUTO_VALUE = 10  # what "auto" resolves to for extra_center_factor and local_lloyd_num_trials
 INIT_METHODS = ("random", "kmeans++")
 EVAL_METRICS = ("msd", "ssd")
-MAX_SEED = 2**63 - 1  # fits a signed 64-bit database column
+MAX_INT = 2**63 - 1  # every integer hyperparameter fits a signed 64-bit column
+MAX_SEED = MAX_INT
+# Hyperparameters a caller may give a ceiling for (``from_mapping(..., ceilings=...)``).
+CEILING_PARAMETERS = (
+    "k",
+    "mini_batch_size",
+    "epochs",
+    "extra_center_factor",
+    "local_lloyd_max_iter",
+    "local_lloyd_num_trials",
+)
 
 Auto = int | Literal["auto"]
 
@@ -75,13 +92,24 @@ class KMeansHyperparameters:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, object]) -> KMeansHyperparameters:
-        """Parse SageMaker-style values (strings or native types); raise HyperparameterError."""
+    def from_mapping(
+        cls, raw: Mapping[str, object], *, ceilings: Mapping[str, int] | None = None
+    ) -> KMeansHyperparameters:
+        """Parse SageMaker-style values (strings or native types); raise HyperparameterError.
+
+        ``ceilings`` maps names from :data:`CEILING_PARAMETERS` to the largest value allowed
+        (``auto`` counts as the value it resolves to); a value above its ceiling is a problem
+        naming the parameter and the ceiling.
+        """
         missing = [ParameterProblem(key, f"is required; {_rule(key)}") for key in _REQUIRED if key not in raw]
-        unknown = [ParameterProblem(str(key), "unknown hyperparameter") for key in raw if key not in _PARSERS]
+        unknown = [ParameterProblem(str(key)[:100], "unknown hyperparameter") for key in raw if key not in _PARSERS]
         parsed, problems = _parse_all({key: raw[key] for key in raw if key in _PARSERS})
-        if missing or unknown or problems:
-            raise HyperparameterError(missing + unknown + problems)
+        problems = [_as_ceiling_problem(problem, raw[problem.parameter], ceilings or {}) for problem in problems]
+        invalid = {problem.parameter for problem in problems}
+        values = {key: value for key, value in {**_DEFAULTS, **parsed}.items() if key not in invalid}
+        over = _over_ceilings(values, ceilings or {})
+        if missing or unknown or problems or over:
+            raise HyperparameterError(missing + unknown + problems + over)
         return cls(**parsed)  # type: ignore[arg-type]
 
     def to_sagemaker(self) -> dict[str, str]:
@@ -130,6 +158,45 @@ def _resolve(value: Auto) -> int:
     return AUTO_VALUE if value == AUTO else int(value)
 
 
+def _over_ceilings(values: Mapping[str, object], ceilings: Mapping[str, int]) -> list[ParameterProblem]:
+    """One problem per value above its ceiling (defaults count: a ceiling below one is refused too)."""
+    problems = []
+    for name, ceiling in ceilings.items():
+        if name not in CEILING_PARAMETERS:
+            raise ValueError(f"no ceiling can be set for {name!r}; only for {', '.join(CEILING_PARAMETERS)}")
+        value = values.get(name)
+        if not isinstance(value, int) and value != AUTO:
+            continue  # missing or invalid: reported already
+        number = _resolve(value)  # type: ignore[arg-type]
+        if number > ceiling:
+            shown = f"'{AUTO}' = {number}" if value == AUTO else str(number)
+            problems.append(ParameterProblem(name, f"must be <= {ceiling}, this service's ceiling (got {shown})"))
+    return problems
+
+
+def _as_ceiling_problem(problem: ParameterProblem, value: object, ceilings: Mapping[str, int]) -> ParameterProblem:
+    """An integer too large even for int64 is reported against the parameter's ceiling, if it has one."""
+    ceiling = ceilings.get(problem.parameter)
+    if ceiling is None or isinstance(value, bool) or not isinstance(value, int | str):
+        return problem
+    try:
+        number = int(value)
+    except ValueError:
+        return problem
+    if number <= ceiling:
+        return problem
+    return ParameterProblem(problem.parameter, f"must be <= {ceiling}, this service's ceiling (got {_shown(value)})")
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a huge value."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...({len(text)} chars)"
+
+
 def _parse_all(raw: Mapping[str, object]) -> tuple[dict[str, object], list[ParameterProblem]]:
     parsed: dict[str, object] = {}
     problems: list[ParameterProblem] = []
@@ -137,7 +204,7 @@ def _parse_all(raw: Mapping[str, object]) -> tuple[dict[str, object], list[Param
         try:
             parsed[key] = _PARSERS[key](value)
         except _Invalid as exc:
-            problems.append(ParameterProblem(key, f"{exc} (got {value!r})"))
+            problems.append(ParameterProblem(key, f"{exc} (got {_shown(value)})"))
     return parsed, problems
 
 
@@ -151,15 +218,22 @@ def _rule(key: str) -> str:
 
 
 def _integer(value: object, minimum: int, maximum: int | None = None) -> int:
-    """An int from an int, an integral float or a numeric string; bools are rejected."""
+    """An int from an int, an integral float or a numeric string; bools are rejected.
+
+    Integers are compared as integers (``10**400`` is out of range, not an OverflowError), and
+    none exceeds :data:`MAX_INT` whatever ``maximum`` says.
+    """
     rule = f"must be an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
     number = _number(value, rule)
-    if not math.isfinite(number) or number != int(number):
+    if isinstance(number, float):
+        if not math.isfinite(number) or number != int(number):
+            raise _Invalid(rule)
+        number = int(number)
+    if number < minimum:
         raise _Invalid(rule)
-    result = int(number)
-    if result < minimum or (maximum is not None and result > maximum):
-        raise _Invalid(rule)
-    return result
+    if number > (MAX_INT if maximum is None else min(maximum, MAX_INT)):
+        raise _Invalid(rule if maximum is not None else f"{rule} and <= {MAX_INT}")
+    return number
 
 
 def _number(value: object, rule: str) -> float | int:
@@ -173,7 +247,7 @@ def _number(value: object, rule: str) -> float | int:
         text = value.strip()
         try:
             return int(text)
-        except ValueError:
+        except ValueError:  # not an integer, or more digits than Python converts
             pass
         try:
             return float(text)
@@ -197,7 +271,10 @@ def _int_or_auto(value: object) -> Auto:
 
 def _tol(value: object) -> float:
     rule = "must be a number in [0, 1]"
-    number = float(_number(value, rule))
+    number = _number(value, rule)
+    if isinstance(number, int) and not 0 <= number <= 1:  # before float(): 10**400 has no float
+        raise _Invalid(rule)
+    number = float(number)
     if not 0.0 <= number <= 1.0:  # also rejects NaN
         raise _Invalid(rule)
     return number
@@ -252,4 +329,6 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "seed": _seed,
 }
 _REQUIRED = ("k", "feature_dim")
+_DEFAULTS = {f.name: f.default for f in fields(KMeansHyperparameters) if f.name not in _REQUIRED}
 assert set(_PARSERS) == {f.name for f in fields(KMeansHyperparameters)}
+assert set(CEILING_PARAMETERS) <= set(_PARSERS)

@@ -251,7 +251,11 @@ def read_model_tar(
         )
     if not np.isfinite(centers).all():
         raise ModelFormatError(f"{MODEL_MEMBER} contains non-finite centroid values")
-    return centers.astype(np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range: refused below, without a RuntimeWarning
+        narrowed = centers.astype(np.float32)
+    if not np.isfinite(narrowed).all():
+        raise ModelFormatError(f"{MODEL_MEMBER} contains centroid values beyond the float32 range (about 3.4e38)")
+    return narrowed
 
 
 def _model_member(data: bytes, max_member_bytes: int, max_total_bytes: int) -> bytes:

@@ -14,6 +14,15 @@
 4. **Evaluate** msd / ssd / cluster sizes of the final centers in one more streaming pass over the
    training data (and the optional test data).
 
+Stopping: ``should_stop()`` is asked between slices of at most about :data:`WORK_PER_CHECK`
+multiply-adds everywhere a fit spends time — within every mini-batch of every pass, before each
+reduction trial and between groups of Lloyd iterations, and within every evaluation batch — so a
+stop (or a worker's shutdown) takes effect within milliseconds to a fraction of a second. The
+only steps not split are scikit-learn's k-means++ seedings (``init_method`` and
+``local_lloyd_init_method`` = ``kmeans++``) and, in a reduction so large that one Lloyd iteration
+exceeds that work, a group of MIN_LLOYD_GROUP iterations; their size is bounded by the
+hyperparameters' ceilings.
+
 Memory is O(mini_batch_size x d + K x d): data only ever arrives one mini-batch at a time. Center
 updates and metrics are float64 (nearest centers are ranked by a float32 BLAS pass whose close
 calls are re-decided in float64, see predict.py); the returned centers are float32 like SageMaker's
@@ -42,6 +51,13 @@ ProgressCallback = Callable[[int, int], None]
 StopCallback = Callable[[], bool]
 SeedLike = int | np.random.SeedSequence | None
 
+# Multiply-adds (rows x centers x features) of work between two stop checks: tens of milliseconds.
+WORK_PER_CHECK = 1 << 25
+# Fewest Lloyd iterations per group. A group that converges stops early, which is how the end of
+# a run is seen: a group continuing from converged centers stops after 1 iteration (2 with
+# local_lloyd_tol = 0, the labels must repeat), so 3 always tells.
+MIN_LLOYD_GROUP = 3
+
 
 class WebScaleKMeans:
     """SageMaker-compatible k-means with a scikit-learn-style ``fit`` / ``predict`` interface."""
@@ -67,8 +83,9 @@ class WebScaleKMeans:
 
         ``progress(points_done, total)`` runs after every training mini-batch, with
         total = rows x epochs; the final evaluation pass is not reported. ``should_stop()`` is
-        checked before every mini-batch of every pass; when it returns True, TrainingStopped is
-        raised and the estimator keeps its previous state.
+        checked before every mini-batch of every pass and between slices of every long step (see
+        the module docstring); when it returns True, TrainingStopped is raised and the estimator
+        keeps its previous state.
         """
         hp = self.hyperparameters
         train = _checked_source(data, hp, "training")
@@ -79,9 +96,9 @@ class WebScaleKMeans:
         for _ in range(hp.epochs):
             for batch in checked_batches(train, hp.mini_batch_size):
                 monitor.check()
-                state.update(batch, _decay(len(batch), hp.half_life_time_size))
+                state.update(batch, _decay(len(batch), hp.half_life_time_size), monitor.check)
                 monitor.advance(len(batch))
-        centers = reduce_centers(state.centers, state.counts, hp, seed=reduce_seed).astype(np.float32)
+        centers = _reduce(state.centers, state.counts, hp, reduce_seed, monitor.check).astype(np.float32)
         on_train = _evaluate(train, centers, hp.mini_batch_size, monitor, "training")
         on_test = None if scored is None else _evaluate(scored, centers, hp.mini_batch_size, monitor, "test")
         self._set_fitted(centers, state, on_train, on_test)
@@ -131,9 +148,12 @@ class _LocalState:
     counts: np.ndarray  # (K,) float64
     origin: np.ndarray  # (d,) shift that keeps the float32 distance ranking precise
 
-    def update(self, batch: np.ndarray, decay: float) -> None:
-        """Move every center that wins points towards their mean, by its share of the count."""
-        labels = CenterIndex(self.centers, self.origin).nearest(batch)
+    def update(self, batch: np.ndarray, decay: float, check: Callable[[], None] = lambda: None) -> None:
+        """Move every center that wins points towards their mean, by its share of the count.
+
+        ``check`` runs between slices of the nearest-center search; nothing changes if it raises.
+        """
+        labels = nearest_in_slices(CenterIndex(self.centers, self.origin), batch, check)
         hit, sizes, means = _cluster_means(batch, labels)
         self.counts *= decay
         old = self.counts[hit]
@@ -150,6 +170,20 @@ def _cluster_means(batch: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     sizes = np.diff(np.r_[starts, len(labels)]).astype(np.float64)
     sums = np.add.reduceat(batch[order], starts, axis=0)
     return sorted_labels[starts], sizes, sums / sizes[:, None]
+
+
+def nearest_in_slices(index: CenterIndex, batch: np.ndarray, check: Callable[[], None]) -> np.ndarray:
+    """``index.nearest(batch)``, computed in row slices of about WORK_PER_CHECK with ``check()``
+    between them. Labels do not depend on the slicing (see predict.py), so results are the same."""
+    rows = max(1, WORK_PER_CHECK // max(1, len(index.centers) * batch.shape[1]))
+    if len(batch) <= rows:
+        return index.nearest(batch)
+    labels = np.empty(len(batch), dtype=np.int64)
+    for start in range(0, len(batch), rows):
+        if start:
+            check()
+        labels[start : start + rows] = index.nearest(batch[start : start + rows])
+    return labels
 
 
 def _decay(batch_rows: int, half_life: int) -> float:
@@ -183,6 +217,7 @@ def reduce_centers(
     hyperparameters: KMeansHyperparameters,
     *,
     seed: SeedLike = None,
+    should_stop: StopCallback | None = None,
 ) -> np.ndarray:
     """Reduce weighted local centers to ``k`` centers (float64) with scikit-learn's Lloyd KMeans.
 
@@ -191,26 +226,76 @@ def reduce_centers(
     in which case they stay with a tiny weight so k centers can still be chosen. scikit-learn's
     OpenMP reductions sum in thread-arrival order, so the trials run single-threaded (the input is
     only K rows) to keep results reproducible.
+
+    ``should_stop()`` is asked before every trial and between groups of Lloyd iterations (see
+    :func:`_lloyd_trial`); when it returns True, TrainingStopped is raised.
     """
-    hp = hyperparameters
-    points, point_weights = _reduction_input(np.asarray(centers, np.float64), np.asarray(weights, np.float64), hp.k)
+
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise TrainingStopped(0)
+
     sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    return _reduce(centers, weights, hyperparameters, sequence, check)
+
+
+def _reduce(
+    centers: np.ndarray,
+    weights: np.ndarray,
+    hp: KMeansHyperparameters,
+    sequence: np.random.SeedSequence,
+    check: Callable[[], None],
+) -> np.ndarray:
+    points, point_weights = _reduction_input(np.asarray(centers, np.float64), np.asarray(weights, np.float64), hp.k)
     init = "k-means++" if hp.local_lloyd_init_method == "kmeans++" else "random"
     best: KMeans | None = None
     with threadpool_limits(limits=1):
         for trial_seed in sequence.generate_state(hp.effective_num_trials):
-            model = KMeans(
-                n_clusters=hp.k,
-                init=init,
-                n_init=1,
-                max_iter=hp.local_lloyd_max_iter,
-                tol=hp.local_lloyd_tol,
-                random_state=int(trial_seed),
-            ).fit(points, sample_weight=point_weights)
+            check()
+            model = _lloyd_trial(points, point_weights, hp, init, int(trial_seed), check)
             if best is None or model.inertia_ < best.inertia_:
                 best = model
     assert best is not None
     return best.cluster_centers_
+
+
+def _lloyd_trial(
+    points: np.ndarray,
+    weights: np.ndarray,
+    hp: KMeansHyperparameters,
+    init: str,
+    seed: int,
+    check: Callable[[], None],
+) -> KMeans:
+    """One seeded weighted Lloyd run of at most ``local_lloyd_max_iter`` iterations, stoppable.
+
+    The iterations run in groups of about WORK_PER_CHECK multiply-adds (at least
+    MIN_LLOYD_GROUP iterations), ``check()`` between groups; each group continues from the
+    centers the previous one ended with. A run that fits in one group (every small reduction) is
+    a single ``KMeans.fit``, exactly as without groups; the group size depends only on the
+    problem's size, so results stay reproducible.
+    """
+
+    def lloyd(start: str | np.ndarray, iterations: int, random_state: int | None) -> KMeans:
+        return KMeans(
+            n_clusters=hp.k,
+            init=start,
+            n_init=1,
+            max_iter=iterations,
+            tol=hp.local_lloyd_tol,
+            random_state=random_state,
+        ).fit(points, sample_weight=weights)
+
+    per_iteration = max(1, len(points) * hp.k * points.shape[1])
+    group = int(min(hp.local_lloyd_max_iter, max(MIN_LLOYD_GROUP, WORK_PER_CHECK // per_iteration)))
+    model = lloyd(init, group, seed)
+    done = int(model.n_iter_)
+    while done < hp.local_lloyd_max_iter and model.n_iter_ >= group:  # the group ended unconverged
+        check()
+        group = min(group, hp.local_lloyd_max_iter - done)
+        model = lloyd(model.cluster_centers_, group, None)
+        done += int(model.n_iter_)
+    return model
 
 
 def _reduction_input(centers: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +323,7 @@ def _evaluate(
     totals = ClusterAccumulator(len(centers))
     for batch in checked_batches(source, batch_size, what):
         monitor.check()
-        labels = index.nearest(batch)
+        labels = nearest_in_slices(index, batch, monitor.check)
         totals.add(labels, index.squared_distances_to(batch, labels))
     return totals
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
 from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
@@ -62,6 +62,21 @@ def get_job(name: str, service: Service) -> Any:
     responses=error_responses(404, 409, 422),
 )
 def stop_job(name: str, service: Service) -> Any:
-    """A Pending job stops at once; a running one becomes `Stopping` and stops between
-    mini-batches (SageMaker jobs: StopTrainingJob). 409 if it already ended."""
+    """A Pending job stops at once; a running one becomes `Stopping` and stops within about a
+    second (SageMaker jobs: StopTrainingJob). 409 if it already ended."""
     return job_view(service.stop(name))
+
+
+@router.delete(
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a finished training job",
+    responses=error_responses(404, 409, 422),
+)
+def delete_job(name: str, service: Service) -> Response:
+    """Only a `Completed`, `Failed` or `Stopped` job; 409 while it is `Pending`, `InProgress` or
+    `Stopping` (stop it first). The model it trained stays (its `training_job_name` becomes null).
+    Afterwards the job no longer keeps its datasets from being deleted."""
+    service.delete(name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

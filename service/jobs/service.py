@@ -1,11 +1,11 @@
-"""Training job use cases: submit, inspect, stop."""
+"""Training job use cases: submit, inspect, stop, delete."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pyarrow.parquet as pq
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -14,10 +14,10 @@ from service.backends import BackendRegistry
 from service.datasets.repository import DatasetRepository
 from service.db.changes import announce_work, work_committed
 from service.db.session import rows_affected
-from service.db.tables import DatasetTable, TrainingJobTable
+from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
 from service.db.types import utcnow
-from service.engine import HyperparameterError, KMeansHyperparameters
-from service.errors import Conflict, InvalidInput
+from service.engine import HyperparameterError, KMeansHyperparameters, ParameterProblem
+from service.errors import Conflict, InvalidInput, NotFound
 from service.jobs.repository import FINAL_STATUSES, JobRepository
 from service.settings import Settings
 from service.storage import LocalArtifactStore
@@ -31,6 +31,18 @@ def transition(status: str, message: str | None = None) -> dict[str, Any]:
 
 def hyperparameter_error(exc: HyperparameterError) -> InvalidInput:
     return InvalidInput(str(exc), details=[{"parameter": p.parameter, "message": p.message} for p in exc.errors])
+
+
+def hyperparameter_ceilings(settings: Settings) -> dict[str, int]:
+    """The configured ceilings, by hyperparameter name (see the settings ``max_*``)."""
+    return {
+        "k": settings.max_k,
+        "epochs": settings.max_epochs,
+        "mini_batch_size": settings.max_mini_batch_size,
+        "extra_center_factor": settings.max_extra_center_factor,
+        "local_lloyd_num_trials": settings.max_lloyd_trials,
+        "local_lloyd_max_iter": settings.max_lloyd_iterations,
+    }
 
 
 class JobService:
@@ -48,12 +60,38 @@ class JobService:
         if self.jobs.find(request.name) is not None:
             raise Conflict(f"training job {request.name!r} already exists", details={"name": request.name})
         self.backends.usable(request.backend)
-        train = self.datasets.get(request.train_dataset_id)
-        features = request.feature_columns or default_features(train)
-        self.check_features(train, features, "training")
-        test = self.datasets.get(request.test_dataset_id) if request.test_dataset_id else None
-        if test is not None:
-            self.check_features(test, features, "test")
+        # A concurrent DELETE /datasets/{id} must not give a 500 or a wrong "already exists": each
+        # dataset is held until the commit (PostgreSQL: FOR KEY SHARE), so the delete waits for this
+        # job (and then sees it) or removes the dataset first (found gone here); on SQLite a missing
+        # file or a foreign-key failure is read again below to answer 409 with the true reason.
+        dataset_ids = [i for i in (request.train_dataset_id, request.test_dataset_id) if i]
+
+        def deleted(dataset_id: str) -> Conflict:
+            return Conflict(
+                f"dataset {dataset_id!r} was deleted while training job {request.name!r} was being created",
+                details={"dataset_id": dataset_id, "reason": "dataset_deleted"},
+            )
+
+        def held(dataset: DatasetTable) -> DatasetTable:
+            if self.session.get(DatasetTable, dataset.id, with_for_update={"read": True, "key_share": True}) is None:
+                raise deleted(dataset.id)
+            return dataset
+
+        def gone() -> list[str]:
+            return [i for i in dataset_ids if self.session.get(DatasetTable, i, populate_existing=True) is None]
+
+        train = held(self.datasets.get(request.train_dataset_id))
+        try:
+            features = request.feature_columns or default_features(train)
+            self.check_features(train, features, "training")
+            test = held(self.datasets.get(request.test_dataset_id)) if request.test_dataset_id else None
+            if test is not None:
+                self.check_features(test, features, "test")
+        except FileNotFoundError as exc:  # the file went with its dataset, after the checks above
+            missing = gone()
+            if missing:
+                raise deleted(missing[0]) from exc
+            raise
         hyperparameters = self._hyperparameters(request, train, test, features)
         row = TrainingJobTable(
             name=request.name,
@@ -76,7 +114,15 @@ class JobService:
             self.session.commit()
         except IntegrityError as exc:
             self.session.rollback()
-            raise Conflict(f"training job {request.name!r} already exists", details={"name": request.name}) from exc
+            if self.jobs.find(request.name) is not None:
+                raise Conflict(f"training job {request.name!r} already exists", details={"name": request.name}) from exc
+            missing = gone()
+            if missing:
+                raise deleted(missing[0]) from exc
+            raise Conflict(
+                f"a concurrent change conflicted while training job {request.name!r} was being created; retry",
+                details={"name": request.name},
+            ) from exc
         work_committed()
         return row
 
@@ -86,7 +132,12 @@ class JobService:
         raw = request.hyperparameters.model_dump(exclude_none=True)
         raw.setdefault("feature_dim", len(features))
         try:
-            hyperparameters = KMeansHyperparameters.from_mapping(raw)
+            hyperparameters = KMeansHyperparameters.from_mapping(raw, ceilings=hyperparameter_ceilings(self.settings))
+            values = hyperparameters.k * hyperparameters.feature_dim
+            if values > self.settings.max_centroid_values:
+                limit = self.settings.max_centroid_values
+                message = f"k x feature_dim ({values}) must be <= {limit}, this service's ceiling on centroid values"
+                raise HyperparameterError([ParameterProblem("k", message)])
             hyperparameters.validate_against(train.row_count, len(features))
             if test is not None:
                 hyperparameters.validate_against(test.row_count, len(features), what="test")
@@ -161,9 +212,41 @@ class JobService:
             )
         announce_work(self.session)
         self.session.commit()
+        self.session.refresh(job)  # the job as this request left it: a woken worker may stop it at once
         work_committed()
-        self.session.refresh(job)
         return job
+
+    def delete(self, name: str) -> None:
+        """Delete a job that ended (Completed, Failed, Stopped); 409 while it may still run.
+
+        The model it trained stays (its ``training_job_name`` becomes null; its ``name`` is the
+        job's). Its datasets are no longer used by the job, so they can be deleted once no model or
+        other job uses them.
+        """
+        job = self.jobs.get(name)
+        if job.status not in FINAL_STATUSES:
+            raise Conflict(
+                f"training job {name!r} is {job.status}; only a Completed, Failed or Stopped job can be deleted "
+                f"(stop it first: POST /training-jobs/{name}/stop)",
+                details={"name": name, "status": job.status},
+            )
+        self.session.execute(
+            update(ModelTable)
+            .where(ModelTable.training_job_name == name)
+            .values(training_job_name=None)
+            .execution_options(synchronize_session=False)
+        )
+        deleted = rows_affected(
+            self.session.execute(
+                delete(TrainingJobTable)
+                .where(TrainingJobTable.name == name, TrainingJobTable.status.in_(FINAL_STATUSES))
+                .execution_options(synchronize_session=False)
+            )
+        )
+        if not deleted:  # deleted meanwhile by another request (a final job never becomes active again)
+            self.session.rollback()
+            raise NotFound(f"training job {name!r} not found", details={"name": name})
+        self.session.commit()
 
 
 def default_features(dataset: DatasetTable) -> list[str]:

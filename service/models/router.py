@@ -40,7 +40,14 @@ hot = APIRouter(prefix="/models", tags=["models"])
 
 
 def model_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> ModelService:
-    return ModelService(session, state.store, max_model_bytes=state.settings.max_model_bytes)
+    settings = state.settings
+    return ModelService(
+        session,
+        state.store,
+        max_model_bytes=settings.max_model_bytes,
+        max_k=settings.max_k,
+        max_centroid_values=settings.max_centroid_values,
+    )
 
 
 Service = Annotated[ModelService, Depends(model_service)]
@@ -52,13 +59,8 @@ def _cacheable(ok: dict[str, Any] | None = None) -> dict[int | str, dict[str, An
 
 
 def rendered_cache(request: Request) -> RenderedCache:
-    """The app's cache of rendered immutable reads (created on first use, on the event loop)."""
-    state = request.app.state
-    try:
-        return state.rendered_reads  # type: ignore[no-any-return]
-    except AttributeError:
-        cache = state.rendered_reads = RenderedCache()
-        return cache
+    """The app's cache of rendered immutable reads (the fast lane answers hits from it too)."""
+    return app_state(request).rendered_reads
 
 
 def _rendered_assignments(
@@ -209,6 +211,8 @@ def list_models(
     limit: LimitQuery = 50,
     name: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Any:
+    """Items describe each model without its centroids (`GET /models/{id}/centroids` has them); the
+    listing never reads them from the database, so it stays fast whatever the models' sizes."""
     rows, total = service.page(offset, limit, name)
     return Page[Model](
         items=[Model.model_validate(r, from_attributes=True) for r in rows], total=total, offset=offset, limit=limit
@@ -225,7 +229,9 @@ def list_models(
 )
 async def import_model(request: Request, service: Service) -> Any:
     """Upload a `model.tar.gz` written by SageMaker's KMeans (or exported by Centroid) with
-    the feature names; the model can then be deployed on a local endpoint."""
+    the feature names; the model can then be deployed on a local endpoint. A model with more than
+    `CENTROID_MAX_K` centroids, or more than `CENTROID_MAX_CENTROID_VALUES` numbers (k × feature_dim),
+    gets 400, read from the archive's header before the centroids are."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise UnsupportedMediaType("send the model as multipart/form-data (fields file, name, feature_names)")
     upload, fields = await read_upload(request, ImportForm, "the model.tar.gz")
@@ -242,7 +248,8 @@ async def import_model(request: Request, service: Service) -> Any:
     responses={**_cacheable(), **error_responses(404, 422)},
 )
 def get_model(model_id: str, request: Request, response: Response, service: Service) -> Any:
-    """Immutable: answered with an `ETag` and `Cache-Control`; `If-None-Match` gives 304."""
+    """Without the centroids (see `/centroids`); `cluster_sizes` has k entries, at most `CENTROID_MAX_K`.
+    Immutable: answered with an `ETag` and `Cache-Control`; `If-None-Match` gives 304."""
     row = service.get(model_id)
     etag = strong_etag(row.id, row.artifact_sha256, "model")
     if etag_matches(if_none_match(request.headers), etag):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
+import tarfile
+import zlib
 from collections.abc import Iterator
 from itertools import compress
 from typing import Any
@@ -11,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas.models import Assignments, Centroids, OriginalUnits
@@ -22,13 +27,17 @@ from service.db.changes import bump_serving
 from service.db.session import rows_affected
 from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
 from service.engine import ModelFormatError, Prediction, predict, read_model_tar
-from service.errors import Conflict, InvalidInput
+from service.engine.mxnet_format import LIST_MAGIC, MAX_NDIM, MODEL_MEMBER, V1_MAGIC
+from service.errors import Conflict, InvalidInput, NotFound
 from service.ids import new_id
 from service.models.repository import ModelRepository
 from service.storage import LocalArtifactStore
 
 MODEL_PREFIX = "models"
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024  # Settings.max_model_bytes
+DEFAULT_MAX_K = 10_000  # Settings.max_k
+DEFAULT_MAX_CENTROID_VALUES = 1_000_000  # Settings.max_centroid_values
+PEEK_BYTES = 64 * 1024  # decompressed bytes read to find the shape of an imported model
 PREDICT_BATCH_ROWS = 65_536
 
 
@@ -38,13 +47,21 @@ def artifact_key(model_id: str) -> str:
 
 class ModelService:
     def __init__(
-        self, session: Session, store: LocalArtifactStore, *, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+        self,
+        session: Session,
+        store: LocalArtifactStore,
+        *,
+        max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        max_k: int = DEFAULT_MAX_K,
+        max_centroid_values: int = DEFAULT_MAX_CENTROID_VALUES,
     ) -> None:
         self.session = session
         self.models = ModelRepository(session)
         self.datasets = DatasetRepository(session)
         self.store = store
         self.max_model_bytes = max_model_bytes
+        self.max_k = max_k
+        self.max_centroid_values = max_centroid_values
 
     def register_trained(
         self, job: TrainingJobTable, trained: TrainedModel, worker_id: str, job_values: dict[str, Any]
@@ -97,13 +114,22 @@ class ModelService:
         return row
 
     def import_artifact(self, name: str, data: bytes, feature_names: list[str], key_column: str | None) -> ModelTable:
-        """A SageMaker KMeans model.tar.gz becomes a model that can be deployed locally."""
+        """A SageMaker KMeans model.tar.gz becomes a model that can be deployed locally.
+
+        The shape is read from the archive's first few KiB and checked against the k and size
+        ceilings before the centroids are: 16 million zero centroids (62 KB of gzip) are refused in
+        milliseconds, without allocating them.
+        """
+        shape = peek_model_shape(data)
+        if shape is not None:
+            self.check_shape(*shape)
         try:
             # Capped: a gzip bomb or a member claiming gigabytes fails while streaming, unallocated.
             cap = self.max_model_bytes
             centroids = read_model_tar(data, max_member_bytes=cap, max_total_bytes=cap)
         except ModelFormatError as exc:
             raise InvalidInput(f"not a usable SageMaker KMeans model.tar.gz: {exc}") from exc
+        self.check_shape(int(centroids.shape[0]), int(centroids.shape[1]))
         check_column_names(feature_names)
         if len(feature_names) != centroids.shape[1]:
             raise InvalidInput(
@@ -136,6 +162,10 @@ class ModelService:
             self.session.commit()
         return row
 
+    def check_shape(self, k: int, feature_dim: int) -> None:
+        """Refuse (400) a model above ``CENTROID_MAX_K`` centroids or ``CENTROID_MAX_CENTROID_VALUES`` numbers."""
+        check_model_shape(k, feature_dim, self.max_k, self.max_centroid_values)
+
     def get(self, model_id: str) -> ModelTable:
         return self.models.get(model_id)
 
@@ -143,21 +173,40 @@ class ModelService:
         return self.models.page(offset, limit, name)
 
     def delete(self, model_id: str) -> None:
+        """Delete a model no endpoint serves or is switching to; 409 naming the endpoints otherwise.
+
+        Safe against a concurrent ``POST /endpoints`` or ``PUT /endpoints/{name}`` naming the model:
+        on PostgreSQL the row is locked first, so the other request either commits before the check
+        below (which then sees its endpoint) or waits and finds the model gone; on SQLite the
+        foreign key refuses the delete, and the endpoints are read again to say why.
+        """
         row = self.models.get(model_id)
+        key = row.artifact_key
+        if not self.models.lock(model_id, exclusive=True):
+            raise NotFound(f"model {model_id!r} not found", details={"model_id": model_id})
+        self._refuse_if_deployed(model_id)
+        try:
+            self.session.execute(
+                update(TrainingJobTable).where(TrainingJobTable.model_id == model_id).values(model_id=None)
+            )
+            self.models.delete(row)
+            bump_serving(self.session)  # every process drops its cached reads of this model
+            self.session.commit()
+        except IntegrityError as exc:  # an endpoint started using it after the check
+            self.session.rollback()
+            self._refuse_if_deployed(model_id)
+            raise Conflict(
+                f"model {model_id!r} was taken into use by a concurrent request; retry", details={"model_id": model_id}
+            ) from exc
+        self.store.delete(key)
+
+    def _refuse_if_deployed(self, model_id: str) -> None:
         endpoints = self.models.deployed_on(model_id)
         if endpoints:
             raise Conflict(
                 f"model {model_id!r} is deployed on endpoint(s) {', '.join(endpoints)}; delete or switch them first",
                 details={"endpoints": endpoints},
             )
-        key = row.artifact_key
-        self.session.execute(
-            update(TrainingJobTable).where(TrainingJobTable.model_id == model_id).values(model_id=None)
-        )
-        self.models.delete(row)
-        bump_serving(self.session)  # every process drops its cached reads of this model
-        self.session.commit()
-        self.store.delete(key)
 
     def artifact_path(self, row: ModelTable) -> Any:
         return self.store.path(row.artifact_key)
@@ -212,6 +261,57 @@ class ModelService:
             "distances": distances,
             "counts": {str(label): count for label, count in enumerate(sizes.tolist()) if count},
         }
+
+
+def check_model_shape(k: int, feature_dim: int, max_k: int, max_values: int) -> None:
+    """400 when a (k, feature_dim) model is above the k ceiling or the centroid-values ceiling."""
+    if k > max_k:
+        raise InvalidInput(
+            f"the model has {k} centroids; at most {max_k} are accepted (CENTROID_MAX_K)",
+            details={"k": k, "limit": max_k},
+        )
+    if k * feature_dim > max_values:
+        raise InvalidInput(
+            f"the model has {k} x {feature_dim} = {k * feature_dim} centroid values; at most {max_values} are "
+            "accepted (CENTROID_MAX_CENTROID_VALUES)",
+            details={"k": k, "feature_dim": feature_dim, "limit": max_values},
+        )
+
+
+def peek_model_shape(data: bytes) -> tuple[int, int] | None:
+    """(k, feature_dim) of the centroids in a SageMaker ``model.tar.gz``, from its first KiB only.
+
+    At most :data:`PEEK_BYTES` are decompressed, whatever the archive claims. None when the shape
+    cannot be told that cheaply (another member first, an unusual layout, garbage): the full,
+    capped reader then decides, and the shape is checked again after it.
+    """
+    try:
+        if data[:2] == b"\x1f\x8b":
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, PEEK_BYTES)
+        else:
+            head = data[:PEEK_BYTES]
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r|") as archive:
+            for member in archive:
+                if member.name in (MODEL_MEMBER, f"./{MODEL_MEMBER}") and member.isreg():
+                    handle = archive.extractfile(member)
+                    return _first_array_shape(handle.read(64 + 8 * MAX_NDIM)) if handle is not None else None
+    except (tarfile.TarError, OSError, EOFError, zlib.error, struct.error, ValueError):
+        return None
+    return None
+
+
+def _first_array_shape(head: bytes) -> tuple[int, int] | None:
+    """The (k, d) shape of the first array of an MXNet NDArray list, from the file's first bytes."""
+    magic, _reserved, count = struct.unpack_from("<QQQ", head, 0)
+    if magic != LIST_MAGIC or count != 1:
+        return None
+    (array_magic,) = struct.unpack_from("<I", head, 24)
+    offset = 28 if array_magic == V1_MAGIC else 32  # V2/V3 carry a storage type
+    (ndim,) = struct.unpack_from("<i", head, offset)
+    if ndim != 2:
+        return None
+    k, d = struct.unpack_from("<2q", head, offset + 4)
+    return (int(k), int(d)) if k > 0 and d > 0 else None
 
 
 def sweep_orphan_artifacts(session: Session, store: LocalArtifactStore, grace_seconds: float) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -176,9 +177,23 @@ def test_workshop_data_prep(client: TestClient, sample_csv: dict[str, bytes]) ->
     recipe = workshop["recipe"]
     assert recipe["source"] == "derived"
     join = recipe["steps"][0]
-    assert join["op"] == "join" and join["on"] == "State"
-    scale = join["right"]["steps"][0]
+    assert join["op"] == "join" and join["on"] == "State" and "right" not in join
+    scale = recipe["inputs"][join["dataset_id"]]["steps"][0]  # the joined dataset, by reference
     assert scale["params"] == {"DensityPerMile": {"min": 0.6, "max": 975.0}}
+    assert set(recipe["inputs"]) == {recipe["parent_id"], join["dataset_id"], scale_parent(recipe, join)}
+    assert workshop["recipe_summary"] == {
+        "source": "derived",
+        "parent_id": recipe["parent_id"],
+        "inputs": [recipe["parent_id"], join["dataset_id"]],
+        "depth": 2,
+        "datasets": 4,
+        "steps": 3,
+        "bytes": workshop["recipe_summary"]["bytes"],
+    }
+
+
+def scale_parent(recipe: dict[str, Any], join: dict[str, Any]) -> str:
+    return recipe["inputs"][join["dataset_id"]]["parent_id"]  # type: ignore[no-any-return]
 
 
 def test_standard_scaling_stores_mean_and_std(client: TestClient) -> None:

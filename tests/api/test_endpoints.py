@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import httpx
 import numpy as np
@@ -366,3 +367,59 @@ def test_prediction_rows_with_keys_the_model_does_not_use_are_refused_before_any
     # The model's own columns (and its key) are fine, in any order.
     ok = client.post("/endpoints/ep/predictions", json={"rows": [{"y": 0.0, "x": 0.1, "id": "p"}]})
     assert ok.status_code == 200 and ok.json()["predictions"][0]["key"] == "p"
+
+
+def imported(client: TestClient, feature_names: str, name: str = "imported") -> str:
+    from service.engine import write_model_tar
+
+    dim = len(feature_names.split(","))
+    centers = np.arange(2.0 * dim).reshape(2, dim)
+    response = client.post(
+        "/models/import",
+        files={"file": ("model.tar.gz", write_model_tar(centers), "application/gzip")},
+        data={"name": name, "feature_names": feature_names},
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def test_switch_to_a_model_with_other_features_needs_allow_feature_change(
+    client: TestClient, model: dict[str, Any], endpoint: dict[str, Any]
+) -> None:
+    """Issue 16 finding 12: a 5-feature endpoint switched to a 2-feature model broke its clients."""
+    three = imported(client, "a,b,c", "three")
+    error = assert_error(client.put("/endpoints/ep", json={"model_id": three}), 409, "conflict", "allow_feature_change")
+    assert "['a', 'b', 'c']" in error["message"] and "['x', 'y']" in error["message"]
+    assert error["details"]["endpoint_feature_names"] == ["x", "y"]
+    assert error["details"]["model_feature_names"] == ["a", "b", "c"]
+    # The order is part of the contract (SageMaker's CSV and JSON invocations are positional).
+    swapped = imported(client, "y,x", "swapped")
+    assert_error(client.put("/endpoints/ep", json={"model_id": swapped}), 409, "conflict", "['y', 'x']")
+    unchanged = client.get("/endpoints/ep").json()
+    assert unchanged["status"] == "InService" and unchanged["model_id"] == model["id"]
+    assert unchanged["pending_model_id"] is None
+    # Asked for explicitly, the switch goes ahead.
+    switched = client.put("/endpoints/ep", json={"model_id": three, "allow_feature_change": True})
+    assert switched.status_code == 202 and switched.json()["status"] == "Updating"
+    run_worker_until_idle(client.app)
+    assert client.get("/endpoints/ep").json()["model_id"] == three
+    # Same features, another model: no flag needed.
+    also_three = imported(client, "a,b,c", "also-three")
+    assert client.put("/endpoints/ep", json={"model_id": also_three}).status_code == 202
+
+
+def test_allow_feature_change_is_documented(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["EndpointModelSwitch"]
+    field = schema["properties"]["allow_feature_change"]
+    assert field["default"] is False and field["description"] and field["examples"] == [True]
+    assert any(example.get("allow_feature_change") for example in schema["examples"])
+
+
+def test_create_and_switch_to_a_deleted_model_answer_the_true_reason(client: TestClient, model: dict[str, Any]) -> None:
+    """Issue 16 finding 7 (sequential form): never "already exists" for a model that is gone."""
+    other = imported(client, "x,y")
+    assert client.delete(f"/models/{other}").status_code == 204
+    assert_error(client.post("/endpoints", json={"name": "ep2", "model_id": other}), 404, "not_found", "model")
+    deployed(client, model["id"])
+    assert_error(client.put("/endpoints/ep", json={"model_id": other}), 404, "not_found", "model")
+    assert_error(client.delete(f"/models/{model['id']}"), 409, "conflict", "deployed on endpoint(s) ep")

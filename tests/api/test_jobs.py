@@ -1,10 +1,14 @@
-"""Training jobs over HTTP: submission, validation, lifecycle, stop."""
+"""Training jobs over HTTP: submission, validation, ceilings, lifecycle, stop, delete."""
 
 from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
+from service.db.tables import TrainingJobTable
+from service.main import create_app
+from service.settings import Settings
 from tests.helpers import BLOBS_CSV, assert_error, run_worker_until_idle, start_job, upload_csv
 
 
@@ -156,3 +160,148 @@ def test_datasets_used_by_jobs_and_models_cannot_be_deleted(client: TestClient, 
     error = assert_error(client.delete(f"/datasets/{blobs['id']}"), 409, "conflict", "training job 'j'")
     assert error["details"]["used_by"]
     assert client.get(f"/datasets/{blobs['id']}").status_code == 200
+
+
+# --- ceilings on what a job may cost (issue 16, #2 and #6) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "parameter", "ceiling"),
+    [
+        ('{"k": 3, "local_lloyd_num_trials": 10000000}', "local_lloyd_num_trials", 100),
+        ('{"k": 3, "epochs": 1000000000000000000}', "epochs", 10_000),
+        ('{"k": 3, "epochs": 1' + "0" * 400 + "}", "epochs", 10_000),
+        ('{"k": 3, "epochs": "1' + "0" * 400 + '"}', "epochs", 10_000),
+        ('{"k": 3, "mini_batch_size": 9223372036854775808}', "mini_batch_size", 1_000_000),
+        ('{"k": 3, "extra_center_factor": 1000000}', "extra_center_factor", 100),
+        ('{"k": 3, "local_lloyd_max_iter": 1000000000}', "local_lloyd_max_iter", 10_000),
+        ('{"k": 1' + "0" * 400 + "}", "k", 10_000),
+    ],
+)
+def test_hyperparameters_above_a_ceiling_are_400_naming_the_parameter_and_ceiling(
+    client: TestClient,
+    blobs: dict,  # type: ignore[type-arg]
+    hyperparameters: str,
+    parameter: str,
+    ceiling: int,
+) -> None:
+    body = f'{{"name": "hostile", "train_dataset_id": "{blobs["id"]}", "hyperparameters": {hyperparameters}}}'
+    response = client.post("/training-jobs", content=body, headers={"content-type": "application/json"})
+    error = assert_error(response, 400, "invalid_input", f"{parameter}: must be <= {ceiling}, this service's ceiling")
+    assert [detail["parameter"] for detail in error["details"]] == [parameter]
+    assert len(response.content) < 2000
+    assert client.get("/training-jobs").json()["total"] == 0
+
+
+def test_huge_tolerance_is_refused_not_a_500(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    body = (
+        f'{{"name": "hostile", "train_dataset_id": "{blobs["id"]}", '
+        f'"hyperparameters": {{"k": 3, "local_lloyd_tol": "1{"0" * 400}"}}}}'
+    )
+    response = client.post("/training-jobs", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_input", "local_lloyd_tol: must be a number in [0, 1]")
+
+
+def test_ceilings_are_configurable(settings: Settings) -> None:
+    limited = settings.model_copy(update={"max_epochs": 5, "max_lloyd_trials": 12, "max_k": 4})
+    with TestClient(create_app(limited)) as client:
+        dataset = upload_csv(client, "blobs", BLOBS_CSV, "id")
+        error = assert_error(
+            client.post(
+                "/training-jobs",
+                json={
+                    "name": "j",
+                    "train_dataset_id": dataset["id"],
+                    "hyperparameters": {"k": 5, "epochs": 6, "local_lloyd_num_trials": 13},
+                },
+            ),
+            400,
+            "invalid_input",
+        )
+        assert {d["parameter"]: d["message"].split(" (got")[0] for d in error["details"]} == {
+            "k": "must be <= 4, this service's ceiling",
+            "epochs": "must be <= 5, this service's ceiling",
+            "local_lloyd_num_trials": "must be <= 12, this service's ceiling",
+        }
+        start_job(client, "ok", dataset["id"], hyperparameters={"k": 4, "epochs": 5, "local_lloyd_num_trials": 12})
+
+
+def test_k_times_feature_dim_is_bounded_by_the_centroid_values_ceiling(settings: Settings) -> None:
+    with TestClient(create_app(settings.model_copy(update={"max_centroid_values": 5}))) as client:
+        dataset = upload_csv(client, "blobs", BLOBS_CSV, "id")
+        assert_error(
+            client.post(
+                "/training-jobs",
+                json={"name": "j", "train_dataset_id": dataset["id"], "hyperparameters": {"k": 3}},
+            ),
+            400,
+            "invalid_input",
+            "k: k x feature_dim (6) must be <= 5",
+        )
+        start_job(client, "ok", dataset["id"], hyperparameters={"k": 2})
+
+
+# --- deleting finished jobs, then their datasets (issue 16, #11) ----------------------------------
+
+
+def test_a_completed_job_can_be_deleted_and_its_model_stays(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    start_job(client, "j", blobs["id"])
+    run_worker_until_idle(client.app)
+    model_id = client.get("/training-jobs/j").json()["model_id"]
+
+    assert client.delete("/training-jobs/j").status_code == 204
+    assert_error(client.get("/training-jobs/j"), 404, "not_found")
+    assert_error(client.delete("/training-jobs/j"), 404, "not_found")
+    model = client.get(f"/models/{model_id}").json()
+    assert model["training_job_name"] is None and model["name"] == "j"
+
+    # The model still uses the dataset; once it is gone, so can the dataset be.
+    assert_error(client.delete(f"/datasets/{blobs['id']}"), 409, "conflict", f"model '{model_id}'")
+    assert client.delete(f"/models/{model_id}").status_code == 204
+    assert client.delete(f"/datasets/{blobs['id']}").status_code == 204
+
+
+def test_the_name_of_a_deleted_job_can_be_used_again(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    start_job(client, "again", blobs["id"])
+    run_worker_until_idle(client.app)
+    first = client.get("/training-jobs/again").json()["model_id"]
+    assert client.delete("/training-jobs/again").status_code == 204
+    start_job(client, "again", blobs["id"])
+    run_worker_until_idle(client.app)
+    second = client.get("/training-jobs/again").json()
+    assert second["status"] == "Completed" and second["model_id"] != first
+    assert client.get(f"/models/{second['model_id']}").json()["training_job_name"] == "again"
+    assert client.get(f"/models/{first}").json()["training_job_name"] is None
+
+
+def test_a_stopped_job_can_be_deleted_and_then_its_datasets(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    test = upload_csv(client, "test", b"id,x,y\nt1,0,0\nt2,10,0\nt3,0,10\n", "id")
+    start_job(client, "j", blobs["id"], test_dataset_id=test["id"])
+    assert client.post("/training-jobs/j/stop").json()["status"] == "Stopped"
+    assert_error(client.delete(f"/datasets/{test['id']}"), 409, "conflict", "training job 'j'")
+    assert client.delete("/training-jobs/j").status_code == 204
+    assert client.delete(f"/datasets/{test['id']}").status_code == 204
+    assert client.delete(f"/datasets/{blobs['id']}").status_code == 204
+
+
+def test_a_failed_job_can_be_deleted(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    start_job(client, "j", blobs["id"])
+    with client.app.state.centroid.database.session() as session:  # type: ignore[attr-defined]
+        session.execute(
+            update(TrainingJobTable).values(status="Failed", secondary_status="Failed", failure_reason="test")
+        )
+        session.commit()
+    assert client.delete("/training-jobs/j").status_code == 204
+    assert client.delete(f"/datasets/{blobs['id']}").status_code == 204
+
+
+@pytest.mark.parametrize("status", ["Pending", "InProgress", "Stopping"])
+def test_a_job_that_may_still_run_cannot_be_deleted(client: TestClient, blobs: dict, status: str) -> None:  # type: ignore[type-arg]
+    start_job(client, "j", blobs["id"])
+    with client.app.state.centroid.database.session() as session:  # type: ignore[attr-defined]
+        session.execute(update(TrainingJobTable).values(status=status))
+        session.commit()
+    error = assert_error(client.delete("/training-jobs/j"), 409, "conflict", f"is {status}")
+    assert error["details"] == {"name": "j", "status": status}
+    assert "stop it first" in error["message"]
+    assert client.get("/training-jobs/j").json()["status"] == status

@@ -147,3 +147,24 @@ def test_delete_is_refused_while_deployed(client: TestClient) -> None:
     assert_error(client.get(f"/models/{model['id']}"), 404, "not_found")
     assert client.get("/training-jobs/job").json()["model_id"] is None
     assert_error(client.get(f"/models/{model['id']}/artifact"), 404, "not_found")
+
+
+def test_listing_and_description_carry_no_centroids(client: TestClient) -> None:
+    """Issue 16 finding 3: centroids only come from `/centroids`; `cluster_sizes` has k entries."""
+    blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
+    model = trained_model(client, blobs["id"])
+    listed = client.get("/models").json()["items"][0]
+    described = client.get(f"/models/{model['id']}").json()
+    for body in (listed, described):
+        assert "centroids" not in body and len(body["cluster_sizes"]) == body["k"] == 3
+    assert len(client.get(f"/models/{model['id']}/centroids").json()["centroids"]) == 3
+    assert client.get("/models", params={"name": "job"}).json()["total"] == 1
+    assert client.get("/models", params={"name": "other"}).json() == {"items": [], "total": 0, "offset": 0, "limit": 50}
+
+
+def test_import_above_the_k_ceiling_is_refused(client: TestClient) -> None:
+    """CENTROID_MAX_K (default 10,000): one more centroid is a 400 naming the setting."""
+    error = import_model(client, write_model_tar(np.zeros((10_001, 1))), "x", expect=400)["error"]
+    assert error["code"] == "invalid_input" and "CENTROID_MAX_K" in error["message"]
+    assert error["details"] == {"k": 10_001, "limit": 10_000}
+    assert import_model(client, write_model_tar(np.zeros((10_000, 1))), "x")["k"] == 10_000

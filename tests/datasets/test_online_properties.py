@@ -2,7 +2,9 @@
 
 * A model's recipe compiled to numpy (``service.datasets.online``) gives exactly the matrix that
   replaying the recipe on a typed DataFrame gives (``replay`` + ``frame_matrix``), for generated
-  recipes (chains of min-max and z-score scalings, fills, renames, selects, joins) and rows.
+  recipes (chains of min-max and z-score scalings, fills, renames, selects, joins) and rows, in
+  both stored forms (by reference, and the older nested one), and for generated DAGs of datasets
+  that share parents (diamonds, a dataset joined with itself level after level).
 * The fast invocation parsers (CSV, JSON, JSON Lines) give exactly the exact parsers' matrix, or
   defer to them: the fast path never accepts what the exact path refuses.
 """
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 from schemas.datasets import FillNaStep, JoinStep, RenameStep, ScaleStep, SelectStep
 from service.datasets.online import compile_recipe, identity_recipe
 from service.datasets.parsing import frame_from_rows, type_columns
-from service.datasets.transforms import Table, apply_steps, replay
+from service.datasets.transforms import Table, apply_steps, derived_recipe, recipe_graph, recipe_size, replay
 from service.endpoints import invocations
 from service.endpoints.invocations import CSV, JSON, JSONLINES, parse_features
 from service.errors import InvalidInput
@@ -52,8 +54,8 @@ def recipes(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
     right = pd.DataFrame({"k": [f"r{i}" for i in range(n)], "d": right_data})
     right_recipe = {"source": "upload", "columns": ["k", "d"]}
 
-    def load(_: str) -> tuple[Table, dict[str, Any]]:
-        return Table(right, "k"), right_recipe
+    def load(_: str) -> Table:
+        return Table(right, "k")
 
     steps: list[Any] = []
     names = list(LEFT)
@@ -80,10 +82,23 @@ def recipes(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
     except InvalidInput:
         assume(False)
     parent = {"source": "upload", "columns": ["k", *LEFT]}
-    return {"source": "derived", "parent": parent, "steps": fitted}, features
+    return derived_recipe("ds-left", fitted, {"ds-left": parent, "ds-right": right_recipe}), features
 
 
-raw_cell = st.one_of(finite, st.integers(min_value=-10**6, max_value=10**6), st.none())
+def nested(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The same recipe in the form stored before migration 0004: parents and join sides embedded."""
+    graph = recipe_graph(recipe)
+
+    def nest(node: dict[str, Any]) -> dict[str, Any]:
+        if node.get("source") != "derived":
+            return node
+        steps = [{**r, "right": nest(graph.nodes[r["dataset_id"]])} if r["op"] == "join" else r for r in node["steps"]]
+        return {**node, "parent": nest(graph.nodes[node["parent_id"]]), "steps": steps}
+
+    return nest(graph.root)
+
+
+raw_cell = st.one_of(finite, st.integers(min_value=-(10**6), max_value=10**6), st.none())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,6 +107,11 @@ def test_compiled_recipe_equals_the_replay_bit_for_bit(
     recipe_and_features: tuple[dict[str, Any], list[str]], rows: list[dict[str, Any]]
 ) -> None:
     recipe, features = recipe_and_features
+    for form in (recipe, nested(recipe)):
+        _assert_compiled_equals_replay(form, features, rows)
+
+
+def _assert_compiled_equals_replay(recipe: dict[str, Any], features: list[str], rows: list[dict[str, Any]]) -> None:
     compiled = compile_recipe(recipe, features, "k")
     assert compiled.programs is not None
     try:
@@ -104,6 +124,79 @@ def test_compiled_recipe_equals_the_replay_bit_for_bit(
     got = compiled.matrix(rows)
     assert got.dtype == np.float64 and got.shape == expected.shape
     assert got.tobytes() == expected.tobytes()  # bit for bit
+
+
+# --- DAGs of datasets sharing parents -----------------------------------------------------------
+
+UPLOAD = ["a", "b", "c", "d"]
+scale_steps = st.builds(
+    lambda method, low, width: {"method": method, "feature_range": (low, low + width)},
+    st.sampled_from(["minmax", "standard"]),
+    st.floats(min_value=-10, max_value=10),
+    st.floats(min_value=0.5, max_value=10),
+)
+
+
+@st.composite
+def dag_recipes(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
+    """Datasets derived like a client would, through the real ``apply_steps`` and ``derived_recipe``:
+
+    ``P = derive(U, fill b, scale a)``; ``L = derive(P, select a b, scale b)``; ``R = derive(P,
+    select c d, scale c, rename d)``; ``T = derive(L, join R, scale ...)`` (a diamond over P); then
+    0-3 levels of ``derive(T_n, select key, join T_n)`` (the recipe that used to double); finally a
+    select of the features. Every recipe reaches P by several paths.
+    """
+    n = draw(st.integers(min_value=3, max_value=10))
+    column = st.lists(finite, min_size=n, max_size=n).filter(lambda v: max(v) - min(v) > 1e-3)
+    keys = [f"r{i}" for i in range(n)]
+    upload = pd.DataFrame({"k": keys, **{name: draw(column) for name in UPLOAD}})
+    if draw(st.booleans()):
+        upload.loc[draw(st.integers(0, n - 1)), "b"] = np.nan
+    tables: dict[str, Table] = {"U": Table(upload, "k")}
+    stored: dict[str, dict[str, Any]] = {"U": {"source": "upload", "columns": ["k", *UPLOAD]}}
+
+    def derive(name: str, parent: str, steps: list[Any]) -> None:
+        table, fitted = apply_steps(tables[parent], steps, tables.__getitem__)
+        inputs = {parent: stored[parent], **{s.dataset_id: stored[s.dataset_id] for s in steps if s.op == "join"}}
+        tables[name], stored[name] = table, derived_recipe(parent, fitted, inputs)
+
+    def scale(target: str) -> ScaleStep:
+        return ScaleStep(op="scale", columns=[target], **draw(scale_steps))
+
+    try:
+        derive("P", "U", [FillNaStep(op="fillna", columns=["b"], strategy="mean"), scale("a")])
+        derive("L", "P", [SelectStep(op="select", columns=["a", "b"]), scale("b")])
+        derive(
+            "R",
+            "P",
+            [SelectStep(op="select", columns=["c", "d"]), scale("c"), RenameStep(op="rename", mapping={"d": "d2"})],
+        )
+        names = ["a", "b", "c", "d2"]
+        extra = [scale(target) for target in draw(st.lists(st.sampled_from(names), max_size=2))]
+        derive("T0", "L", [JoinStep(op="join", dataset_id="R"), *extra])
+        levels = draw(st.integers(0, 3))
+        for level in range(levels):
+            doubling = [SelectStep(op="select", columns=["k"]), JoinStep(op="join", dataset_id=f"T{level}")]
+            derive(f"T{level + 1}", f"T{level}", doubling)
+        features = draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
+        derive("F", f"T{levels}", [SelectStep(op="select", columns=features)])
+    except InvalidInput:
+        assume(False)
+    recipe = stored["F"]
+    graph = recipe_graph(recipe)
+    assert set(graph.nodes) == {"U", "P", "L", "R", *(f"T{i}" for i in range(levels + 1))}  # each once
+    assert recipe_size(recipe).depth == levels + 4
+    return recipe, features
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dag_recipes(), st.lists(st.fixed_dictionaries({name: raw_cell for name in UPLOAD}), min_size=1, max_size=8))
+def test_compiled_dag_recipe_equals_the_replay_bit_for_bit(
+    recipe_and_features: tuple[dict[str, Any], list[str]], rows: list[dict[str, Any]]
+) -> None:
+    recipe, features = recipe_and_features
+    for form in (recipe, nested(recipe)):
+        _assert_compiled_equals_replay(form, features, rows)
 
 
 @given(st.lists(st.fixed_dictionaries({"x": st.one_of(finite, st.text(max_size=6), st.none())}), min_size=1))
@@ -120,7 +213,7 @@ def test_text_cells_read_like_an_upload(rows: list[dict[str, Any]]) -> None:
 
 
 def test_thousands_separators_and_quoted_numbers_read_as_numbers() -> None:
-    rows = [{"x": "1,210.5"}, {"x": " 7 "}, {"x": 3}]
+    rows: list[dict[str, Any]] = [{"x": "1,210.5"}, {"x": " 7 "}, {"x": 3}]
     assert identity_recipe(["x"], None).matrix(rows).ravel().tolist() == [1210.5, 7.0, 3.0]
 
 
@@ -169,7 +262,7 @@ def test_large_csv_bodies_take_the_columnar_reader_and_agree(n: int, dim: int) -
     _same_outcome(body, CSV, dim)
 
 
-@given(st.text(alphabet="0123456789.,-e\n \"ainf", max_size=60), st.integers(1, 4))
+@given(st.text(alphabet='0123456789.,-e\n "ainf', max_size=60), st.integers(1, 4))
 def test_fast_csv_never_accepts_what_the_exact_parser_refuses(text: str, dim: int) -> None:
     assume(text.strip())
     _same_outcome(text.encode(), CSV, dim)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from schemas.datasets import FillNaStep, JoinStep, ScaleStep, SelectStep
-from service.datasets.transforms import Table, apply_steps, replay, scale_values, unscale_values
+from schemas.datasets import DeriveStep, FillNaStep, JoinStep, ScaleStep, SelectStep
+from service.datasets.transforms import (
+    Table,
+    apply_steps,
+    column_lineage,
+    derived_recipe,
+    replay,
+    scale_values,
+    unscale_values,
+)
 
 values = st.lists(
     st.floats(allow_nan=False, allow_infinity=False, min_value=-1e9, max_value=1e9), min_size=2, max_size=50
@@ -19,7 +29,7 @@ ranges = st.tuples(st.floats(min_value=-100, max_value=100), st.floats(min_value
 )
 
 
-def no_join(_: str) -> tuple[Table, dict]:  # type: ignore[type-arg]
+def no_join(_: str) -> Table:
     raise AssertionError("no join expected")
 
 
@@ -44,7 +54,7 @@ def test_minmax_lands_in_range_and_hits_both_ends(data: list[float], feature_ran
 
 @given(values, st.sampled_from(["minmax", "standard"]), values)
 def test_stored_parameters_reproduce_the_transform_on_new_rows(
-    data: list[float], method: str, new_rows: list[float]
+    data: list[float], method: Literal["minmax", "standard"], new_rows: list[float]
 ) -> None:
     assume(_spread_enough(data))
     table = Table(pd.DataFrame({"v": data}), None)
@@ -72,17 +82,51 @@ def test_replay_follows_joins_and_fills() -> None:
     left = Table(pd.DataFrame({"k": ["a", "b", "c"], "x": [1.0, None, 3.0]}), "k")
     right = Table(pd.DataFrame({"k": ["a", "b", "c"], "d": [10.0, 20.0, 30.0]}), "k")
     right_scaled, right_steps = apply_steps(right, [ScaleStep(op="scale", columns=["d"])], no_join)
-    right_recipe = {"source": "derived", "parent": {"source": "upload", "columns": ["k", "d"]}, "steps": right_steps}
-    steps = [
+    right_recipe = derived_recipe("r0", right_steps, {"r0": {"source": "upload", "columns": ["k", "d"]}})
+    steps: list[DeriveStep] = [
         JoinStep(op="join", dataset_id="r"),
         FillNaStep(op="fillna", columns=["x"]),
         SelectStep(op="select", columns=["d", "x"]),
     ]
-    result, fitted = apply_steps(left, steps, lambda _: (right_scaled, right_recipe))
-    recipe = {"source": "derived", "parent": {"source": "upload", "columns": ["k", "x"]}, "steps": fitted}
+    result, fitted = apply_steps(left, steps, lambda _: right_scaled)
+    assert "right" not in fitted[0]  # the other side by reference, not embedded
+    recipe = derived_recipe("l", fitted, {"l": {"source": "upload", "columns": ["k", "x"]}, "r": right_recipe})
+    assert set(recipe["inputs"]) == {"l", "r", "r0"}
     raw = pd.DataFrame({"x": [None, 5.0], "d": [20.0, 40.0]})
     replayed = replay(recipe, raw)
     assert list(replayed.columns) == ["d", "x"]
     np.testing.assert_allclose(replayed["d"], [0.0, 2.0])
     np.testing.assert_allclose(replayed["x"], [2.0, 5.0])
     assert list(result.frame.columns) == ["k", "d", "x"]
+    assert column_lineage(recipe)["d"].raw_name == "d" and len(column_lineage(recipe)["d"].scalings) == 1
+
+
+def test_nested_recipes_stored_before_0004_still_replay() -> None:
+    """The older form (parent and join sides embedded, ids alongside) reads like the new one."""
+    upload = {"source": "upload", "columns": ["k", "d"]}
+    scaled = {
+        "source": "derived",
+        "parent_id": "u",
+        "parent": upload,
+        "steps": [
+            {
+                "op": "scale",
+                "columns": ["d"],
+                "method": "minmax",
+                "feature_range": [0.0, 1.0],
+                "params": {"d": {"min": 10.0, "max": 30.0}},
+            },
+        ],
+    }
+    nested = {
+        "source": "derived",
+        "parent_id": "s",
+        "parent": scaled,
+        "steps": [
+            {"op": "select", "columns": ["k"]},
+            {"op": "join", "dataset_id": "s", "how": "inner", "on": "k", "right": scaled},
+        ],
+    }
+    replayed = replay(nested, pd.DataFrame({"k": ["a"], "d": [20.0]}))
+    assert replayed.to_dict("list") == {"k": ["a"], "d": [0.5]}
+    assert column_lineage(nested)["d"].scalings[0]["params"] == {"d": {"min": 10.0, "max": 30.0}}

@@ -251,3 +251,72 @@ def test_arbitrary_strings_parse_or_raise_hyperparameter_error(raw: dict[str, st
         KMeansHyperparameters.from_mapping(raw)
     except HyperparameterError as exc:
         assert exc.errors
+
+
+# --- integers beyond float range, and ceilings (issue 16: #2, #6) ---------------------------------
+
+
+@pytest.mark.parametrize("name", ["k", "mini_batch_size", "epochs", "local_lloyd_max_iter", "half_life_time_size"])
+@pytest.mark.parametrize("value", [10**400, str(10**400), 2**63, -(10**400)])
+def test_integers_beyond_float_or_int64_range_are_problems_not_overflows(name: str, value: object) -> None:
+    found = problems({**BASE, name: value})
+    assert list(found) == [name]
+    assert found[name].startswith("must be an integer >=")
+    assert len(found[name]) < 200  # the value is shown cut short, not echoed whole
+
+
+@pytest.mark.parametrize("name", ["extra_center_factor", "local_lloyd_num_trials"])
+def test_auto_parameters_refuse_huge_integers(name: str) -> None:
+    assert problems({**BASE, name: 10**400})[name].startswith("must be an integer >= 1 or 'auto'")
+
+
+def test_tolerance_and_seed_refuse_huge_integers() -> None:
+    found = problems({**BASE, "local_lloyd_tol": 10**400, "seed": 10**400})
+    assert found["local_lloyd_tol"].startswith("must be a number in [0, 1]")
+    assert found["seed"].startswith(f"must be an integer >= 0 and <= {2**63 - 1}")
+
+
+def test_digit_strings_longer_than_python_converts_are_problems() -> None:
+    assert problems({**BASE, "epochs": "9" * 5000})["epochs"].startswith("must be an integer >= 1")
+
+
+def test_the_largest_int64_is_still_accepted_without_ceilings() -> None:
+    assert parse(epochs=2**63 - 1).epochs == 2**63 - 1
+
+
+CEILINGS = {
+    "k": 100,
+    "epochs": 50,
+    "mini_batch_size": 10_000,
+    "extra_center_factor": 20,
+    "local_lloyd_max_iter": 1000,
+    "local_lloyd_num_trials": 30,
+}
+
+
+@pytest.mark.parametrize(("name", "ceiling"), sorted(CEILINGS.items()))
+def test_a_value_above_its_ceiling_names_the_parameter_and_the_ceiling(name: str, ceiling: int) -> None:
+    with pytest.raises(HyperparameterError) as caught:
+        KMeansHyperparameters.from_mapping({**BASE, name: ceiling + 1}, ceilings=CEILINGS)
+    assert caught.value.errors == [
+        ParameterProblem(name, f"must be <= {ceiling}, this service's ceiling (got {ceiling + 1})")
+    ]
+    assert getattr(KMeansHyperparameters.from_mapping({**BASE, name: ceiling}, ceilings=CEILINGS), name) == ceiling
+
+
+def test_auto_counts_as_the_value_it_resolves_to() -> None:
+    with pytest.raises(HyperparameterError, match=r"local_lloyd_num_trials: must be <= 5, .*\(got 'auto' = 10\)"):
+        KMeansHyperparameters.from_mapping(BASE, ceilings={"local_lloyd_num_trials": 5})
+
+
+def test_ceiling_problems_come_with_the_other_problems_and_skip_invalid_values() -> None:
+    with pytest.raises(HyperparameterError) as caught:
+        KMeansHyperparameters.from_mapping(
+            {**BASE, "epochs": 10**18, "mini_batch_size": "x", "colour": 1}, ceilings=CEILINGS
+        )
+    assert [p.parameter for p in caught.value.errors] == ["colour", "mini_batch_size", "epochs"]
+
+
+def test_unknown_ceilings_are_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="no ceiling can be set for 'seed'"):
+        KMeansHyperparameters.from_mapping(BASE, ceilings={"seed": 1})

@@ -1,10 +1,12 @@
-"""The worker's lease protocol: exclusive claims, takeover after expiry, stop, shutdown."""
+"""The worker's lease protocol: exclusive claims, takeover after expiry, stop, shutdown, presence."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +40,11 @@ def app_client(fast_lease: Settings) -> Iterator[TestClient]:
         yield client
 
 
+def centroid(client: TestClient) -> Any:
+    """The app's state (AppState)."""
+    return client.app.state.centroid  # type: ignore[attr-defined]
+
+
 def job(client: TestClient, name: str) -> dict:  # type: ignore[type-arg]
     return client.get(f"/training-jobs/{name}").json()  # type: ignore[no-any-return]
 
@@ -52,7 +59,7 @@ def test_each_job_is_claimed_by_exactly_one_worker(app_client: TestClient) -> No
     dataset = upload_csv(app_client, "blobs", BLOBS_CSV, "id")
     for i in range(12):
         start_job(app_client, f"j{i}", dataset["id"])
-    state = app_client.app.state.centroid
+    state = centroid(app_client)
     claims: dict[str, list[str]] = {}
     lock = threading.Lock()
 
@@ -77,7 +84,7 @@ def test_each_job_is_claimed_by_exactly_one_worker(app_client: TestClient) -> No
 def test_an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_write(app_client: TestClient) -> None:
     dataset = upload_csv(app_client, "blobs", BLOBS_CSV, "id")
     start_job(app_client, "j", dataset["id"])
-    state = app_client.app.state.centroid
+    state = centroid(app_client)
     with state.database.session() as session:
         stale = JobRepository(session).claim_next("dead-worker", 3600, ["local"])
         assert stale is not None
@@ -95,7 +102,7 @@ def test_an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_write(ap
 def test_stop_is_honoured_between_mini_batches(app_client: TestClient) -> None:
     dataset = upload_csv(app_client, "slow", slow_csv(), "id")
     start_job(app_client, "slow", dataset["id"], hyperparameters=SLOW)
-    worker = Worker(app_client.app.state.centroid)
+    worker = Worker(centroid(app_client))
     thread = background(worker)
     try:
         wait_for(lambda: job(app_client, "slow"), lambda j: j["progress"]["points_processed"] > 0)
@@ -113,14 +120,14 @@ def test_stop_is_honoured_between_mini_batches(app_client: TestClient) -> None:
 def test_shutdown_releases_the_running_job_for_another_worker(app_client: TestClient) -> None:
     dataset = upload_csv(app_client, "slow", slow_csv(), "id")
     start_job(app_client, "slow", dataset["id"], hyperparameters=SLOW)
-    worker = Worker(app_client.app.state.centroid)
+    worker = Worker(centroid(app_client))
     thread = background(worker)
     wait_for(lambda: job(app_client, "slow"), lambda j: j["progress"]["points_processed"] > 0)
     worker.request_shutdown()
     thread.join(30)
     released = job(app_client, "slow")
     assert released["status"] == "Pending" and released["attempts"] == 0
-    with app_client.app.state.centroid.database.session() as session:
+    with centroid(app_client).database.session() as session:
         claimed = JobRepository(session).claim_next("next-worker", 60, ["local"])
     assert claimed is not None and claimed.name == "slow"
 
@@ -128,7 +135,7 @@ def test_shutdown_releases_the_running_job_for_another_worker(app_client: TestCl
 def test_a_job_that_keeps_killing_workers_fails_instead_of_looping(app_client: TestClient) -> None:
     dataset = upload_csv(app_client, "blobs", BLOBS_CSV, "id")
     start_job(app_client, "doomed", dataset["id"])
-    with app_client.app.state.centroid.database.session() as session:
+    with centroid(app_client).database.session() as session:
         session.execute(update(TrainingJobTable).values(status="InProgress", attempts=MAX_ATTEMPTS))
         session.commit()
     run_worker_until_idle(app_client.app)
@@ -139,7 +146,7 @@ def test_a_job_that_keeps_killing_workers_fails_instead_of_looping(app_client: T
 def test_worker_registers_itself_and_leaves_on_shutdown(app_client: TestClient) -> None:
     from service.db.tables import WorkerTable
 
-    state = app_client.app.state.centroid
+    state = centroid(app_client)
     worker = Worker(state, worker_id="w-visible")
     thread = background(worker)
     with state.database.session() as session:
@@ -148,3 +155,89 @@ def test_worker_registers_itself_and_leaves_on_shutdown(app_client: TestClient) 
     thread.join(30)
     with state.database.session() as session:
         assert session.get(WorkerTable, "w-visible") is None
+
+
+# --- dead workers' rows expire (issue 16, #13) ----------------------------------------------------
+
+
+def add_worker_row(state: Any, worker_id: str, age_seconds: float) -> None:
+    from service.db.tables import WorkerTable
+
+    heartbeat = utcnow() - timedelta(seconds=age_seconds)
+    with state.database.session() as session:
+        session.add(WorkerTable(id=worker_id, hostname="gone", pid=1, started_at=heartbeat, heartbeat_at=heartbeat))
+        session.commit()
+
+
+def worker_ids(state: Any) -> set[str]:
+    from service.db.tables import WorkerTable
+
+    with state.database.session() as session:
+        return set(session.scalars(select(WorkerTable.id)).all())
+
+
+def test_a_live_worker_deletes_the_rows_of_dead_workers(app_client: TestClient) -> None:
+    state = centroid(app_client)
+    expiry = state.settings.resolved_worker_expiry_seconds
+    assert expiry == pytest.approx(1.8)  # 3 x the 0.6 s lease
+    add_worker_row(state, "dead", age_seconds=expiry + 1)
+    add_worker_row(state, "slow-but-alive", age_seconds=expiry / 2)
+    Worker(state, worker_id="live").run_once()
+    assert worker_ids(state) == {"live", "slow-but-alive"}
+
+
+def test_the_expiry_is_a_setting(settings: Settings) -> None:
+    assert settings.resolved_worker_expiry_seconds == 180  # 3 x the default 60 s lease
+    configured = settings.model_copy(update={"worker_expiry_seconds": 30.0, "lease_seconds": 600.0})
+    assert configured.resolved_worker_expiry_seconds == 30
+    with TestClient(create_app(configured)) as client:
+        state = centroid(client)
+        add_worker_row(state, "dead", age_seconds=31)
+        add_worker_row(state, "alive", age_seconds=29)
+        Worker(state, worker_id="live").run_once()
+        assert worker_ids(state) == {"live", "alive"}
+
+
+def test_metrics_count_only_live_workers_after_a_shutdown_that_timed_out(app_client: TestClient) -> None:
+    """The reproduction: a worker whose shutdown timed out never unregistered; one worker is live."""
+    from service.metrics import DatabaseCollector
+
+    state = centroid(app_client)
+    add_worker_row(state, "timed-out", age_seconds=3600)
+
+    def scrape(collector: Any) -> dict[str, Any]:
+        return {family.name: family for family in collector.collect()}
+
+    # Excluded at scrape time, before any live worker has deleted the row.
+    families = scrape(DatabaseCollector(state.database, worker_expiry_seconds=60))
+    assert families["centroid_workers"].samples[0].value == 0
+    assert families["centroid_worker_heartbeat_age_seconds"].samples == []
+    assert "centroid_workers 0.0" in app_client.get("/metrics").text  # the app's default expiry: 180 s
+
+    Worker(state, worker_id="live").run_once()
+    assert worker_ids(state) == {"live"}
+    families = scrape(DatabaseCollector(state.database, worker_expiry_seconds=60))
+    assert families["centroid_workers"].samples[0].value == 1
+    assert [s.labels["worker"] for s in families["centroid_worker_heartbeat_age_seconds"].samples] == ["live"]
+    assert "centroid_workers 1.0" in app_client.get("/metrics").text
+
+
+def test_a_training_worker_keeps_its_row_fresh(app_client: TestClient) -> None:
+    """A long training must not make its own worker look dead: the heartbeat thread keeps it fresh."""
+    from service.db.tables import WorkerTable
+
+    state = centroid(app_client)
+    dataset = upload_csv(app_client, "slow", slow_csv(), "id")
+    start_job(app_client, "slow", dataset["id"], hyperparameters=SLOW)
+    worker = Worker(state, worker_id="busy")
+    thread = background(worker)
+    try:
+        wait_for(lambda: job(app_client, "slow"), lambda j: j["progress"]["points_processed"] > 0)
+        time.sleep(state.settings.resolved_worker_expiry_seconds + 0.5)
+        Worker(state, worker_id="other").run_once()  # expires dead rows, if any
+        with state.database.session() as session:
+            row = session.get(WorkerTable, "busy")
+        assert row is not None and row.current_job == "slow"
+    finally:
+        worker.request_shutdown()
+        thread.join(30)
