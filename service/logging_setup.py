@@ -69,6 +69,8 @@ def configure_logging(level: str, fmt: str) -> None:
     handler._centroid = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    # Library warnings (numpy, pandas, pyarrow) become log records, JSON lines with the request id.
+    logging.captureWarnings(True)
 
 
 ACCESS_LOGGER = "centroid.access"

@@ -50,7 +50,7 @@ def build_state(settings: Settings) -> AppState:
     store = LocalArtifactStore(settings.resolved_artifact_dir)
     backends = build_backends(settings)
     model_cache = ModelCache()
-    metrics = Metrics(database)
+    metrics = Metrics(database, worker_expiry_seconds=settings.resolved_worker_expiry_seconds)
     catalog = ServingCatalog(database, store, model_cache, settings.serving_refresh_seconds)
     return AppState(
         settings=settings,

@@ -32,6 +32,7 @@ from service.request_context import reset_request_id, set_request_id
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _MAX_REQUEST_ID = 128
+_NOSNIFF = (b"x-content-type-options", b"nosniff")  # no response is to be sniffed into another type
 TOO_LARGE_MESSAGE = "the request body is larger than the configured limit"
 
 
@@ -98,7 +99,7 @@ class EdgeMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (_REQUEST_ID, encoded_id)]
+                message["headers"] = [*message.get("headers", ()), (_REQUEST_ID, encoded_id), _NOSNIFF]
             await send(message)
 
         try:

@@ -141,13 +141,13 @@ class Worker:
         self._listener.start()
         endpoints = threading.Thread(
             target=self._loop,
-            args=(self._endpoint_step, self._endpoint_wakeup),
+            args=(self._endpoint_step, self._endpoint_wakeup, "endpoints"),
             name=f"centroid-endpoints-{self.id}",
             daemon=True,
         )
         endpoints.start()
         try:
-            self._loop(self._job_step, self.wakeup)
+            self._loop(self._job_step, self.wakeup, "jobs")
         finally:
             self.stopping.set()
             self._endpoint_wakeup.set()
@@ -161,7 +161,7 @@ class Worker:
         self.stopping.set()
         self.wakeup.set()
 
-    def _loop(self, step: Callable[[], bool], wakeup: threading.Event) -> None:
+    def _loop(self, step: Callable[[], bool], wakeup: threading.Event, name: str) -> None:
         """Run ``step`` until shutdown; idle until a wake-up or the poll; back off after errors
         (the database down, or a bug: neither loop may die while the other goes on)."""
         errors = 0
@@ -174,9 +174,11 @@ class Worker:
                 errors += 1
                 delay = min(ERROR_BACKOFF_SECONDS[0] * 2 ** (errors - 1), ERROR_BACKOFF_SECONDS[1])
                 if isinstance(exc, SQLAlchemyError):
-                    log.warning("database unavailable, retrying in %.1fs: %s", delay, type(exc).__name__)
+                    log.warning(
+                        "database unavailable, retrying in %.1fs: %s (%s loop)", delay, type(exc).__name__, name
+                    )
                 else:
-                    log.exception("worker step failed, retrying in %.1fs", delay)
+                    log.exception("worker step failed, retrying in %.1fs (%s loop)", delay, name)
                 self.stopping.wait(delay)
                 continue
             if not busy:

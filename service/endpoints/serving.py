@@ -28,6 +28,7 @@ from service.datasets.transforms import replay
 from service.db.session import Database
 from service.endpoints.cache import SERVING, ServingCatalog, ServingEntry, serving_entry
 from service.endpoints.invocations import parse_features, render
+from service.endpoints.limits import check_distances_budget
 from service.endpoints.repository import EndpointRepository
 from service.engine import Prediction
 from service.engine.predict import euclidean_distances
@@ -93,6 +94,8 @@ class ServingService:
                 f"{len(rows)} rows; at most {self.settings.max_invocation_rows} per request",
                 details={"limit": self.settings.max_invocation_rows},
             )
+        if request.include_distances:
+            check_distances_budget(len(rows), entry.model.k, self.settings.max_distance_cells)
         matrix = self.rows_matrix(entry, rows, request.raw)
         keys = row_keys(rows, entry.model.key_column)
         prediction = self.predict(entry, matrix)

@@ -210,9 +210,6 @@ def test_include_distances_over_the_budget_is_413(settings: Settings) -> None:
         assert answered.status_code == 200 and len(answered.json()["predictions"][0]["distances"]) == 2
 
 
-@pytest.mark.xfail(
-    strict=True, reason="serving.py (rows path) calls check_distances_budget once wired; then remove this mark"
-)
 def test_include_distances_for_rows_over_the_budget_is_413(settings: Settings) -> None:
     with custom(settings, max_distance_cells=100) as client:
         deployed(client, small_model(client))
