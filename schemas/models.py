@@ -8,8 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 
-class Model(BaseModel):
-    """A trained or imported k-means model, described without its centroids (`GET /models/{id}/centroids`).
+class ModelListItem(BaseModel):
+    """A model as `GET /models` lists it: without its centroids (`GET /models/{id}/centroids`) and
+    without its preprocessing recipe (`GET /models/{id}`), the two parts that grow with the model.
 
     Every list here is bounded: `k` is at most `CENTROID_MAX_K`, and `k × feature_dim` at most
     `CENTROID_MAX_CENTROID_VALUES`.
@@ -25,9 +26,6 @@ class Model(BaseModel):
     k: int = Field(description="Number of clusters (at most `CENTROID_MAX_K`).", examples=[10])
     feature_dim: int = Field(examples=[5])
     hyperparameters: dict[str, Any] = Field(description="Hyperparameters it was trained with.")
-    recipe: dict[str, Any] | None = Field(
-        description="Preprocessing recipe of the training dataset, replayed on raw rows at prediction time."
-    )
     metrics: dict[str, float] = Field(
         description="train_msd, train_ssd and, with a test set, test_msd, test_ssd.",
         examples=[{"train_msd": 41.2, "train_ssd": 2060.0}],
@@ -38,6 +36,18 @@ class Model(BaseModel):
     artifact_sha256: str = Field(description="SHA-256 of the SageMaker-format model.tar.gz.")
     artifact_size: int = Field(description="Size of model.tar.gz in bytes.")
     created_at: datetime
+
+
+class Model(ModelListItem):
+    """A trained or imported k-means model, described without its centroids (`GET /models/{id}/centroids`).
+
+    Every list here is bounded: `k` is at most `CENTROID_MAX_K`, and `k × feature_dim` at most
+    `CENTROID_MAX_CENTROID_VALUES`; the recipe at most `CENTROID_MAX_RECIPE_BYTES`.
+    """
+
+    recipe: dict[str, Any] | None = Field(
+        description="Preprocessing recipe of the training dataset, replayed on raw rows at prediction time."
+    )
 
 
 class OriginalUnits(BaseModel):

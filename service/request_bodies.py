@@ -52,6 +52,8 @@ def parse_json(body: bytes) -> Any:
         raise InvalidInput(f"the body is not UTF-8 (invalid byte at offset {exc.start})") from exc
     except RecursionError as exc:
         raise InvalidInput("the JSON body is nested too deeply") from exc
+    except ValueError as exc:  # an integer of more than 4300 digits, which int() refuses to read
+        raise InvalidInput(f"the JSON body holds a number that cannot be read: {str(exc)[:120]}") from exc
 
 
 async def read_upload(request: Request, form: type[M], what: str) -> tuple[UploadedFile, M]:

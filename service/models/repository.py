@@ -40,13 +40,13 @@ class ModelRepository:
         return self.session.scalar(query) is not None
 
     def page(self, offset: int, limit: int, name: str | None) -> tuple[list[ModelTable], int]:
-        # Listings never read the centroids (k x d numbers, the one column that grows with a model):
-        # neither the page query nor the count names the column.
+        # Listings never read the centroids (k x d numbers) nor the recipe, the columns that grow with
+        # a model: neither the page query nor the count names them.
         filters = [ModelTable.name == name] if name is not None else []
         total = self.session.scalar(select(func.count()).select_from(ModelTable).where(*filters)) or 0
         query = (
             select(ModelTable)
-            .options(defer(ModelTable.centroids, raiseload=True))
+            .options(defer(ModelTable.centroids, raiseload=True), defer(ModelTable.recipe, raiseload=True))
             .where(*filters)
             .order_by(ModelTable.created_at.desc(), ModelTable.id)
             .offset(offset)

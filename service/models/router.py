@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
 from schemas.datasets import no_control_chars
-from schemas.models import Assignments, Centroids, Model
+from schemas.models import Assignments, Centroids, Model, ModelListItem
 from service.deps import AppState, app_state, db_session
 from service.errors import UnsupportedMediaType
 from service.http_cache import (
@@ -204,19 +204,21 @@ _IMPORT_BODY: dict[str, Any] = {
 }
 
 
-@router.get("", response_model=Page[Model], summary="List models, newest first", responses=error_responses(422))
+@router.get(
+    "", response_model=Page[ModelListItem], summary="List models, newest first", responses=error_responses(422)
+)
 def list_models(
     service: Service,
     offset: OffsetQuery = 0,
     limit: LimitQuery = 50,
     name: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Any:
-    """Items describe each model without its centroids (`GET /models/{id}/centroids` has them); the
-    listing never reads them from the database, so it stays fast whatever the models' sizes."""
+    """Items describe each model without its centroids (`GET /models/{id}/centroids` has them) and
+    without its recipe (`GET /models/{id}`); the listing reads neither from the database, so it
+    stays fast and small whatever the models' sizes."""
     rows, total = service.page(offset, limit, name)
-    return Page[Model](
-        items=[Model.model_validate(r, from_attributes=True) for r in rows], total=total, offset=offset, limit=limit
-    )
+    items = [ModelListItem.model_validate(r, from_attributes=True) for r in rows]
+    return Page[ModelListItem](items=items, total=total, offset=offset, limit=limit)
 
 
 @router.post(

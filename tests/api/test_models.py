@@ -168,3 +168,19 @@ def test_import_above_the_k_ceiling_is_refused(client: TestClient) -> None:
     assert error["code"] == "invalid_input" and "CENTROID_MAX_K" in error["message"]
     assert error["details"] == {"k": 10_001, "limit": 10_000}
     assert import_model(client, write_model_tar(np.zeros((10_000, 1))), "x")["k"] == 10_000
+
+
+def test_model_listings_carry_neither_centroids_nor_recipes(client: TestClient, sample_csv: dict[str, bytes]) -> None:
+    from tests.helpers import workshop_dataset
+
+    workshop = workshop_dataset(client, sample_csv["crimes"], sample_csv["densities"])
+    model = trained_model(client, workshop["id"])
+    assert client.get(f"/models/{model['id']}").json()["recipe"] is not None
+    (item,) = client.get("/models").json()["items"]
+    assert item["id"] == model["id"] and "recipe" not in item and "centroids" not in item
+
+
+def test_a_json_number_too_long_to_read_is_a_400(client: TestClient) -> None:
+    body = '{"name": "j", "train_dataset_id": "ds-x", "hyperparameters": {"k": ' + "9" * 5000 + "}}"
+    response = client.post("/training-jobs", content=body, headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422), response.text
