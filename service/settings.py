@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         description="Most centroid coordinates (k x feature_dim) a model may have: bounds the model row, the "
         "`/centroids` response and the memory serving it takes. Imports (and training jobs) above are refused.",
     )
+    max_local_centers: int = Field(
+        default=10_000,
+        ge=100,
+        description="Most local centers a training may keep (k x extra_center_factor, `auto` = 10). The k-means++ "
+        "seeding over them is one call that cannot be interrupted and grows with their square: this ceiling bounds "
+        "how long a stop can wait for it (about 2 s at 10,000 on 2 cores).",
+    )
     max_distance_cells: int = Field(
         default=1_000_000,
         ge=1,

@@ -138,6 +138,14 @@ class JobService:
                 limit = self.settings.max_centroid_values
                 message = f"k x feature_dim ({values}) must be <= {limit}, this service's ceiling on centroid values"
                 raise HyperparameterError([ParameterProblem("k", message)])
+            local = hyperparameters.k * hyperparameters.effective_extra_center_factor
+            if local > self.settings.max_local_centers:
+                limit = self.settings.max_local_centers
+                message = (
+                    f"k x extra_center_factor ({local} local centers) must be <= {limit}, this service's ceiling "
+                    "(CENTROID_MAX_LOCAL_CENTERS)"
+                )
+                raise HyperparameterError([ParameterProblem("extra_center_factor", message)])
             hyperparameters.validate_against(train.row_count, len(features))
             if test is not None:
                 hyperparameters.validate_against(test.row_count, len(features), what="test")

@@ -305,3 +305,11 @@ def test_a_job_that_may_still_run_cannot_be_deleted(client: TestClient, blobs: d
     assert error["details"] == {"name": "j", "status": status}
     assert "stop it first" in error["message"]
     assert client.get("/training-jobs/j").json()["status"] == status
+
+
+def test_local_centers_are_bounded_so_a_stop_never_waits_long(client: TestClient) -> None:
+    blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
+    body = {"name": "wide", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 200, "extra_center_factor": 100}}
+    response = client.post("/training-jobs", json=body)
+    assert response.status_code == 400, response.text
+    assert "CENTROID_MAX_LOCAL_CENTERS" in response.text and "extra_center_factor" in response.text
