@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=state.metrics,
         authenticator=Authenticator(settings.api_keys),
         max_bytes=settings.max_upload_bytes,
+        max_csv_bytes=settings.max_csv_upload_bytes,
     )
     # Routes are matched in order: the hot paths (health, invocations, predictions, assignments) first.
     app.include_router(health.router)

@@ -5,7 +5,8 @@ In one pass over the request headers it:
 * assigns the request id (``X-Request-ID`` if sane, else a new one) and echoes it;
 * checks the API key (before any of the body is read): 401/403;
 * refuses compressed bodies (415) and bodies over the size limit (413: a declared
-  ``Content-Length`` before reading, a longer streamed body while reading);
+  ``Content-Length`` before reading, a longer streamed body while reading); CSV uploads to
+  ``POST /datasets`` (streamed to disk) have their own, larger limit;
 * after the response, writes one access log line (method, path, status, duration, request id)
   and counts the request in the metrics by route template.
 
@@ -56,11 +57,20 @@ def _sane_request_id(value: bytes) -> str | None:
 class EdgeMiddleware:
     """Request id, API key, body limits, access log and metrics (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, authenticator: Authenticator, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        authenticator: Authenticator,
+        max_bytes: int,
+        max_csv_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.authenticator = authenticator
         self.max_bytes = max_bytes
+        self.max_csv_bytes = max_bytes if max_csv_bytes is None else max_csv_bytes
         self.ids = RequestIds()
         self.access_log = AccessLog()
 
@@ -73,6 +83,7 @@ class EdgeMiddleware:
         declared = 0
         has_body = False
         encodings: list[str] = []
+        csv_upload = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -88,6 +99,9 @@ class EdgeMiddleware:
                 has_body = True
             elif name == b"content-encoding":
                 encodings.extend(token.strip().lower() for token in value.decode("latin-1").split(","))
+            elif name == b"content-type":
+                csv_upload = _is_csv_upload(scope, value)
+        limit = self.max_csv_bytes if csv_upload else self.max_bytes
         request_id = request_id or self.ids.new()
         token = set_request_id(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
@@ -103,11 +117,11 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            rejection = self._rejection(scope, authorization, declared, has_body, encodings)
+            rejection = self._rejection(scope, authorization, declared, has_body, encodings, limit)
             if rejection is not None:
                 await rejection(scope, receive, send_with_id)
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                await self.app(scope, self._limited(receive, limit), send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
@@ -116,7 +130,13 @@ class EdgeMiddleware:
             reset_request_id(token)
 
     def _rejection(
-        self, scope: Scope, authorization: str | None, declared: int, has_body: bool, encodings: list[str]
+        self,
+        scope: Scope,
+        authorization: str | None,
+        declared: int,
+        has_body: bool,
+        encodings: list[str],
+        limit: int,
     ) -> JSONResponse | None:
         """The response refusing this request before its body is read, if it must be refused."""
         if self.authenticator.enabled:
@@ -139,15 +159,14 @@ class EdgeMiddleware:
             )
             headers = {"accept-encoding": "identity", "connection": "close"}
             return JSONResponse(body, status_code=415, headers=headers)
-        if declared > self.max_bytes:
-            body = error_body("payload_too_large", TOO_LARGE_MESSAGE, {"limit_bytes": self.max_bytes})
+        if declared > limit:
+            body = error_body("payload_too_large", TOO_LARGE_MESSAGE, {"limit_bytes": limit})
             return JSONResponse(body, status_code=413, headers={"connection": "close"})
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         """``receive`` that stops a streamed body once it exceeds the limit (the handler sees 413)."""
         received = 0
-        limit = self.max_bytes
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -159,3 +178,14 @@ class EdgeMiddleware:
             return message
 
         return limited_receive
+
+
+_CSV_UPLOAD_TYPES = (b"multipart/form-data", b"text/csv")
+
+
+def _is_csv_upload(scope: Scope, content_type: bytes) -> bool:
+    """A CSV upload to ``POST /datasets``, which streams to disk and has its own size limit."""
+    if scope["method"] != "POST" or scope["path"].rstrip("/") != "/datasets":
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media in _CSV_UPLOAD_TYPES

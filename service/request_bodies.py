@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -64,3 +66,149 @@ async def read_upload(request: Request, form: type[M], what: str) -> tuple[Uploa
             raise RequestValidationFailed(f"multipart field `file` ({what}) is required")
         values = validate(form, {key: value for key, value in fields.items() if isinstance(value, str)})
         return UploadedFile(await upload.read(), upload.filename), values
+
+
+# --- uploads streamed to disk --------------------------------------------------------------------
+
+
+class ChunkSink(Protocol):
+    """Where a streamed file goes (a :class:`service.datasets.ingest.CsvSpool`)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+
+MAX_FIELD_BYTES = 64 * 1024
+_FLUSH_BYTES = 1 << 20  # file bytes are handed to the sink (on a worker thread) in pieces this big
+
+
+class _SinkWriter:
+    """Buffers file bytes and writes them to the sink off the event loop, a megabyte at a time."""
+
+    def __init__(self, sink: ChunkSink) -> None:
+        self.sink = sink
+        self.buffer = bytearray()
+        self.bytes = 0
+
+    def add(self, data: bytes | memoryview) -> None:
+        self.buffer += data
+        self.bytes += len(data)
+
+    async def flush(self, force: bool = False) -> None:
+        if self.buffer and (force or len(self.buffer) >= _FLUSH_BYTES):
+            chunk, self.buffer = bytes(self.buffer), bytearray()
+            await run_in_threadpool(self.sink.write, chunk)
+
+
+async def spool_body(request: Request, sink: ChunkSink) -> int:
+    """A raw request body streamed into ``sink``; returns its size."""
+    writer = _SinkWriter(sink)
+    async for chunk in request.stream():
+        writer.add(chunk)
+        await writer.flush()
+    await writer.flush(force=True)
+    return writer.bytes
+
+
+@dataclass
+class StreamedUpload:
+    filename: str | None
+    fields: dict[str, str]
+    file_bytes: int
+
+
+async def spool_multipart(request: Request, sink: ChunkSink, what: str, max_fields: int = 10) -> StreamedUpload:
+    """A ``multipart/form-data`` body whose ``file`` part is streamed into ``sink``.
+
+    The other parts are small text fields (at most :data:`MAX_FIELD_BYTES` each, ``max_fields`` of
+    them); a second file, or a field too large, is refused. The body is parsed as it arrives with
+    ``python-multipart`` (the parser Starlette uses), so it is never held whole in memory.
+    """
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise InvalidInput("the multipart body has no boundary in its Content-Type")
+    writer = _SinkWriter(sink)
+    fields: dict[str, str] = {}
+    state: dict[str, Any] = {"header_field": b"", "header_value": b"", "headers": {}, "name": None, "value": None}
+    filename: list[str | None] = []
+    problems: list[str] = []
+
+    def on_part_begin() -> None:
+        state["headers"], state["name"], state["value"] = {}, None, None
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["header_field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["header_value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["header_field"].lower()] = state["header_value"]
+        state["header_field"], state["header_value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        disposition, params = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        state["name"] = name
+        if b"filename" in params or name == "file":
+            if name != "file":
+                problems.append(f"unexpected file field {name!r}; the file goes in the field `file`")
+            elif filename:
+                problems.append("send one file (field `file`), not several")
+            else:
+                raw = params.get(b"filename")
+                filename.append(raw.decode("utf-8", "replace") if raw is not None else None)
+                state["value"] = writer
+                return
+        if len(fields) >= max_fields:
+            problems.append(f"too many form fields (at most {max_fields})")
+        state["value"] = bytearray()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        value = state["value"]
+        if value is writer:
+            writer.add(data[start:end])
+        elif isinstance(value, bytearray):
+            value += data[start:end]
+            if len(value) > MAX_FIELD_BYTES:
+                problems.append(f"form field {state['name']!r} is larger than {MAX_FIELD_BYTES} bytes")
+                state["value"] = None
+
+    def on_part_end() -> None:
+        value = state["value"]
+        if isinstance(value, bytearray) and state["name"] is not None:
+            try:
+                fields[state["name"]] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(f"form field {state['name']!r} is not UTF-8 text")
+        state["value"] = None
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if problems:
+                raise RequestValidationFailed(problems[0])
+            await writer.flush()
+        parser.finalize()
+    except (MultipartParseError, ValueError) as exc:
+        raise InvalidInput(f"the multipart body cannot be read: {exc}") from exc
+    if problems:
+        raise RequestValidationFailed(problems[0])
+    await writer.flush(force=True)
+    if not filename:
+        raise RequestValidationFailed(f"multipart field `file` ({what}) is required")
+    return StreamedUpload(filename[0], fields, writer.bytes)

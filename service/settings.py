@@ -43,9 +43,24 @@ class Settings(BaseSettings):
         default=None, description="Where dataset Parquet files and models live. Default: data_dir/artifacts."
     )
     max_upload_bytes: int = Field(
-        default=100 * MIB, ge=1, description="Largest accepted request body, in bytes (413 above)."
+        default=100 * MIB,
+        ge=1,
+        description="Largest accepted request body, in bytes (413 above), except CSV uploads to `POST /datasets`.",
+    )
+    max_csv_upload_bytes: int = Field(
+        default=10 * 1024 * MIB,
+        ge=1,
+        description="Largest CSV upload to `POST /datasets` (multipart or `text/csv`), in bytes (413 above). "
+        "It is streamed to a file in the artifact directory, never held in memory; an upload the free disk "
+        "cannot hold (twice its size: the CSV and its Parquet file) is refused at once with 507.",
     )
     max_columns: int = Field(default=10_000, ge=1, description="Most columns a dataset may have.")
+    derive_memory_mb: int = Field(
+        default=256,
+        ge=16,
+        description="Memory, in MiB, the columnar engine (DuckDB) may use for one derive; beyond it, it spills to "
+        "files under the artifact directory's `work/` folder.",
+    )
     # Ceilings on a derived dataset's recipe (a DAG of the datasets it reads, each stored once); a
     # derive above one is refused with 400 before any data is read.
     max_recipe_depth: int = Field(

@@ -8,8 +8,6 @@ non-finite value would silently poison distances later.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,64 +37,6 @@ def parse_number(text: str) -> float | None:
     if not _NUMBER.match(stripped):
         return None
     return float(stripped.replace(",", ""))
-
-
-def read_csv_text(data: bytes, delimiter: str, max_columns: int) -> tuple[list[str], pd.DataFrame]:
-    """Decode and split a CSV upload into a header and a frame of text cells."""
-    if not data.strip():
-        raise InvalidInput("the file is empty")
-    if b"\x00" in data:
-        raise InvalidInput("the file is not CSV text (it contains NUL bytes)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(
-            f"the file is not UTF-8 text (invalid byte at offset {exc.start})", details={"offset": exc.start}
-        ) from exc
-    header = _read_header(text, delimiter, max_columns)
-    try:
-        frame = pd.read_csv(
-            io.StringIO(text),
-            sep=delimiter,
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-            header=0,
-            names=None,
-            engine="c",
-        )
-    except pd.errors.EmptyDataError as exc:
-        raise InvalidInput("the file is empty") from exc
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise InvalidInput(f"the file is not valid CSV: {str(exc).strip()}") from exc
-    if frame.empty:
-        raise InvalidInput("the file has a header but no data rows")
-    frame.columns = header
-    return header, frame
-
-
-def _read_header(text: str, delimiter: str, max_columns: int) -> list[str]:
-    end = min((i for i in (text.find("\n"), text.find("\r")) if i >= 0), default=len(text))
-    if text.find('"', 0, end) < 0 and text.count(delimiter, 0, end) >= max_columns:
-        # An unquoted first line: its delimiters count the columns exactly, so a header of a
-        # million columns is refused without building a list of a million names.
-        columns = text.count(delimiter, 0, end) + 1
-        raise InvalidInput(
-            f"the file has {columns} columns; at most {max_columns} are allowed",
-            details={"columns": columns, "limit": max_columns},
-        )
-    try:
-        header = next(csv.reader(io.StringIO(text), delimiter=delimiter))
-    except (StopIteration, csv.Error) as exc:
-        raise InvalidInput(f"the file is not valid CSV: cannot read a header row ({exc})") from exc
-    if len(header) > max_columns:
-        raise InvalidInput(
-            f"the file has {len(header)} columns; at most {max_columns} are allowed",
-            details={"columns": len(header), "limit": max_columns},
-        )
-    names = [name.strip() for name in header]
-    check_column_names(names)
-    return names
 
 
 def check_column_names(names: Sequence[str]) -> None:

@@ -27,7 +27,7 @@ from service.deps import AppState, app_state, db_session
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.jobs.repository import JobRepository
 from service.models.repository import ModelRepository
-from service.request_bodies import parse_json, read_upload, validate
+from service.request_bodies import parse_json, spool_body, spool_multipart, validate
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -75,9 +75,38 @@ _CREATE_BODY: dict[str, Any] = {
                 },
                 "encoding": {"file": {"contentType": "text/csv"}},
             },
+            "text/csv": {
+                "schema": {"type": "string", "format": "binary", "description": "UTF-8 CSV with a header row."},
+                "example": "State,Crime,Density\nAlabama,4.5,94.4\n",
+            },
             "application/json": {"schema": DatasetCreate.model_json_schema()},
         },
-    }
+    },
+    "parameters": [
+        {
+            "name": "name",
+            "in": "query",
+            "required": False,
+            "description": "With a `text/csv` body only (required then): the dataset's name.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+            "example": "crimes",
+        },
+        {
+            "name": "key_column",
+            "in": "query",
+            "required": False,
+            "description": "With a `text/csv` body only: the column whose values label the rows.",
+            "schema": {"type": "string", "maxLength": 256},
+            "example": "State",
+        },
+        {
+            "name": "delimiter",
+            "in": "query",
+            "required": False,
+            "description": "With a `text/csv` body only: the field delimiter.",
+            "schema": {"type": "string", "enum": sorted(DELIMITERS), "default": ","},
+        },
+    ],
 }
 
 
@@ -95,6 +124,7 @@ def dataset_service(session: Session = Depends(db_session), state: AppState = De
         state.store,
         max_columns=state.settings.max_columns,
         row_group_rows=state.settings.parquet_row_group_rows,
+        columnar_memory_mb=state.settings.derive_memory_mb,
         usage_checks=(_used_by_jobs, _used_by_models),
         recipe_limits=RecipeLimits(
             max_depth=state.settings.max_recipe_depth,
@@ -117,17 +147,26 @@ Service = Annotated[DatasetService, Depends(dataset_service)]
     openapi_extra=_CREATE_BODY,
 )
 async def create_dataset(request: Request, service: Service) -> Any:
-    """Upload a CSV file (multipart: `file`, `name`, optional `key_column`, `delimiter`) or send
+    """Upload a CSV file (multipart: `file`, `name`, optional `key_column`, `delimiter`; or the file
+    itself as a `text/csv` body with `name`, `key_column`, `delimiter` in the query) or send
     `{name, key_column, columns, rows}` as JSON. Column types are inferred; numbers written with
-    thousands separators or as quoted strings (`"1,210.5"`) are numbers."""
+    thousands separators or as quoted strings (`"1,210.5"`) are numbers.
+
+    A CSV upload is streamed to disk as it arrives and parsed column-wise from there, so its size is
+    bounded by `CENTROID_MAX_CSV_UPLOAD_BYTES` (default 10 GiB) and the free disk (507 at once when
+    the disk cannot hold twice the declared size), not by memory. JSON bodies keep the smaller
+    `CENTROID_MAX_UPLOAD_BYTES`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         return await _create_from_upload(request, service)
+    if content_type == "text/csv":
+        params = {key: value for key, value in request.query_params.items() if key in CsvUploadForm.model_fields}
+        return await _create_from_upload(request, service, validate(CsvUploadForm, params, ("query",)))
     if content_type == "application/json":
         payload = validate(DatasetCreate, _json_document(await request.body()))
         return await run_in_threadpool(service.create_from_rows, payload)
     raise UnsupportedMediaType(
-        f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data or application/json"
+        f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data, text/csv or application/json"
     )
 
 
@@ -141,16 +180,34 @@ def _json_document(body: bytes) -> Any:
         ) from exc
 
 
-async def _create_from_upload(request: Request, service: DatasetService) -> Any:
-    upload, fields = await read_upload(request, CsvUploadForm, "the CSV file")
-    return await run_in_threadpool(
-        service.create_from_csv,
-        fields.name,
-        upload.data,
-        key_column=fields.key_column,
-        filename=upload.filename,
-        delimiter=fields.delimiter,
-    )
+async def _create_from_upload(request: Request, service: DatasetService, query: CsvUploadForm | None = None) -> Any:
+    """Stream the CSV (a multipart ``file`` part, or the whole ``text/csv`` body) to a temp file in
+    the artifact directory, then parse it from there on a worker thread; the temp file is removed
+    whatever happens."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        service.check_free_space(int(declared))
+    spool = await run_in_threadpool(service.new_spool)
+    try:
+        if query is None:
+            upload = await spool_multipart(request, spool, "the CSV file")
+            fields = validate(CsvUploadForm, upload.fields)
+            filename = upload.filename
+        else:
+            await spool_body(request, spool)
+            fields, filename = query, None
+        facts = await run_in_threadpool(spool.close)
+        return await run_in_threadpool(
+            service.create_from_csv,
+            fields.name,
+            spool.path,
+            facts,
+            key_column=fields.key_column,
+            filename=filename,
+            delimiter=fields.delimiter,
+        )
+    finally:
+        await run_in_threadpool(spool.discard)
 
 
 @router.get(

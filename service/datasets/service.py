@@ -5,42 +5,52 @@ from __future__ import annotations
 import csv
 import io
 import re
+import shutil
+import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import PurePath
+from contextlib import contextmanager
+from pathlib import Path, PurePath
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from sqlalchemy.orm import Session
 
 from schemas.datasets import DatasetCreate, DeriveRequest, JoinStep
-from service.datasets.parsing import NUMBER_PATTERN, frame_from_rows, read_csv_text, type_columns
+from service.datasets.columnar import ParquetInput, check_key_parquet, derive_parquet
+from service.datasets.ingest import CsvSpool, SpoolFacts, ingest_csv, summarise_parquet
+from service.datasets.parsing import NUMBER_PATTERN, frame_from_rows, type_columns
 from service.datasets.repository import DatasetRepository
 from service.datasets.transforms import (
     Recipe,
     RecipeLimits,
     RecipeSize,
     Table,
-    apply_steps,
     check_recipe,
     derived_recipe,
-    ensure_unique_key,
     is_numeric,
     recipe_size,
     recipe_summary,
 )
 from service.db.changes import bump_serving
 from service.db.tables import DatasetTable
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict, InsufficientStorage, InvalidInput, storage_error
 from service.ids import new_id
-from service.storage import LocalArtifactStore
+from service.storage import TEMP_PREFIX, LocalArtifactStore, StagedFile
 
 DATASET_PREFIX = "datasets"
+WORK_PREFIX = "work"  # scratch space of the columnar engine (spill files), emptied at start-up
+KEY_CHECK_MEMORY = "64MB"  # DuckDB's limit for an upload's key check; it spills to disk beyond it
 CSV_CHUNK_ROWS = 10_000
 
 # Who still uses a dataset: each check returns human-readable references to its users.
 UsageCheck = Callable[[Session, str], list[str]]
+
+
+def staged_key(dataset_id: str) -> str:
+    return f"{DATASET_PREFIX}/{dataset_id}.parquet"
 
 
 def dtype_name(series: pd.Series) -> str:
@@ -67,7 +77,9 @@ class DatasetService:
         row_group_rows: int,
         usage_checks: Sequence[UsageCheck] = (),
         recipe_limits: RecipeLimits | None = None,
+        columnar_memory_mb: int = 256,
     ) -> None:
+        self.columnar_memory_mb = columnar_memory_mb
         self.session = session
         self.recipe_limits = recipe_limits or RecipeLimits()
         self.usage_checks = list(usage_checks)
@@ -78,13 +90,61 @@ class DatasetService:
 
     # --- creation -----------------------------------------------------------------------------
 
+    def new_spool(self) -> CsvSpool:
+        """A temp file in the artifact directory for an upload (swept at start-up if a crash leaves it)."""
+        directory = self.store.path(DATASET_PREFIX)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return CsvSpool(directory / f"{TEMP_PREFIX}upload-{uuid.uuid4().hex}.csv")
+        except OSError as exc:
+            raise storage_error(exc, DATASET_PREFIX) from exc
+
+    def check_free_space(self, upload_bytes: int) -> None:
+        """507 before reading an upload the disk cannot hold: the CSV, then its Parquet file."""
+        try:
+            free = shutil.disk_usage(self.store.root).free
+        except OSError:
+            return
+        needed = 2 * upload_bytes
+        if free < needed:
+            raise InsufficientStorage(
+                f"the server has {free} bytes of free disk; an upload of {upload_bytes} bytes needs about {needed} "
+                "(the file and its Parquet copy)",
+                details={"free_bytes": free, "needed_bytes": needed},
+            )
+
     def create_from_csv(
-        self, name: str, data: bytes, *, key_column: str | None, filename: str | None, delimiter: str = ","
+        self,
+        name: str,
+        spool: Path,
+        facts: SpoolFacts,
+        *,
+        key_column: str | None,
+        filename: str | None,
+        delimiter: str = ",",
     ) -> DatasetTable:
-        header, text_frame = read_csv_text(data, delimiter, self.max_columns)
-        parsed = type_columns(text_frame, key_column)
-        recipe: Recipe = {"source": "upload", "filename": _safe_filename(filename), "columns": header}
-        return self._store_new(name, Table(parsed.frame, parsed.key_column), recipe)
+        """Parse the spooled CSV at ``spool`` column-wise into a new dataset (see ``ingest``)."""
+        recipe: Recipe = {"source": "upload", "filename": _safe_filename(filename), "columns": []}
+        dataset_id = new_id("ds")
+        key = f"{DATASET_PREFIX}/{dataset_id}.parquet"
+        with self.store.staged(key) as staged:
+            result = ingest_csv(
+                spool,
+                facts,
+                staged.path,
+                delimiter=delimiter,
+                key_column=key_column,
+                max_columns=self.max_columns,
+                row_group_rows=self.row_group_rows,
+            )
+            if key_column is not None and not result.key_ascending:
+                with self._work_directory() as work:
+                    check_key_parquet(staged.path, key_column, memory_limit=KEY_CHECK_MEMORY, temp_directory=work)
+            recipe["columns"] = result.header
+            self._commit_new(
+                staged, dataset_id, name, key_column, result.columns, result.row_count, recipe, result.summary
+            )
+        return self.repository.get(dataset_id)
 
     def create_from_rows(self, request: DatasetCreate) -> DatasetTable:
         if len(request.columns) > self.max_columns:
@@ -110,35 +170,99 @@ class DatasetService:
             for step in request.steps
         ]
         check_recipe(derived_recipe(parent.id, planned, recipes), self.recipe_limits)
-        table, fitted = apply_steps(
-            self.load_table(parent), request.steps, lambda dataset_id: self.load_table(inputs[dataset_id])
-        )
-        ensure_unique_key(table)
-        recipe = derived_recipe(parent.id, fitted, recipes)
-        return self._store_new(request.name, table, recipe, check_recipe(recipe, self.recipe_limits))
+        parquet_inputs = {dataset_id: self._parquet_input(row) for dataset_id, row in inputs.items()}
+        dataset_id = new_id("ds")
+        with self.store.staged(staged_key(dataset_id)) as staged, self._work_directory() as work:
+            result = derive_parquet(
+                parquet_inputs[parent.id],
+                request.steps,
+                parquet_inputs,
+                staged.path,
+                row_group_rows=self.row_group_rows,
+                memory_limit=f"{self.columnar_memory_mb}MB",
+                temp_directory=work,
+            )
+            recipe = derived_recipe(parent.id, result.steps, recipes)
+            size = check_recipe(recipe, self.recipe_limits)
+            summary = summarise_parquet(staged.path, result.columns)
+            return self._commit_new(
+                staged,
+                dataset_id,
+                request.name,
+                result.key_column,
+                result.columns,
+                result.row_count,
+                recipe,
+                summary,
+                size,
+            )
+
+    def _parquet_input(self, row: DatasetTable) -> ParquetInput:
+        return ParquetInput(self.store.path(row.storage_key), row.key_column, list(row.columns))
+
+    @contextmanager
+    def _work_directory(self) -> Iterator[Path]:
+        """A scratch directory for the columnar engine's spill files, removed afterwards (and at
+        start-up, if a crash left one: see :func:`sweep_orphan_files`)."""
+        root = self.store.path(WORK_PREFIX)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(dir=root))
+        except OSError as exc:
+            raise storage_error(exc, WORK_PREFIX) from exc
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _store_new(self, name: str, table: Table, recipe: Recipe, size: RecipeSize | None = None) -> DatasetTable:
         """Write the Parquet file and the row together: both land, or neither does."""
-        summary = recipe_summary(recipe, size or recipe_size(recipe))
         dataset_id = new_id("ds")
-        key = f"{DATASET_PREFIX}/{dataset_id}.parquet"
+        key = staged_key(dataset_id)
         frame = table.frame.reset_index(drop=True)
+        columns = [{"name": c, "dtype": dtype_name(frame[c])} for c in frame.columns]
         with self.store.staged(key) as staged:
             frame.to_parquet(staged.path, index=False, row_group_size=self.row_group_rows)
-            row = DatasetTable(
-                id=dataset_id,
-                name=name,
-                key_column=table.key_column,
-                columns=[{"name": c, "dtype": dtype_name(frame[c])} for c in frame.columns],
-                row_count=len(frame),
-                size_bytes=staged.path.stat().st_size,
-                storage_key=key,
-                recipe=recipe,
-                recipe_summary=summary,
+            return self._commit_new(
+                staged,
+                dataset_id,
+                name,
+                table.key_column,
+                columns,
+                len(frame),
+                recipe,
+                summarise_parquet(staged.path, columns),
+                size,
             )
-            self.repository.add(row)
-            staged.publish()
-            self.session.commit()
+
+    def _commit_new(
+        self,
+        staged: StagedFile,
+        dataset_id: str,
+        name: str,
+        key_column: str | None,
+        columns: list[dict[str, str]],
+        row_count: int,
+        recipe: Recipe,
+        summary: list[dict[str, Any]],
+        size: RecipeSize | None = None,
+    ) -> DatasetTable:
+        """The row for a written file; the file is published and the row committed together."""
+        row = DatasetTable(
+            id=dataset_id,
+            name=name,
+            key_column=key_column,
+            columns=columns,
+            row_count=row_count,
+            size_bytes=staged.path.stat().st_size,
+            storage_key=staged_key(dataset_id),
+            recipe=recipe,
+            recipe_summary=recipe_summary(recipe, size or recipe_size(recipe)),
+            summary=summary,
+        )
+        self.repository.add(row)
+        staged.publish()
+        self.session.commit()
         return row
 
     # --- reading ------------------------------------------------------------------------------
@@ -149,13 +273,12 @@ class DatasetService:
     def page(self, offset: int, limit: int, name: str | None) -> tuple[list[DatasetTable], int]:
         return self.repository.page(offset, limit, name)
 
-    def load_table(self, row: DatasetTable, columns: list[str] | None = None) -> Table:
-        frame = pd.read_parquet(self.store.path(row.storage_key), columns=columns)
-        return Table(frame, row.key_column)
-
     def summary(self, row: DatasetTable) -> list[dict[str, Any]]:
-        frame = self.load_table(row).frame
-        return [_column_summary(frame[column["name"]], column["dtype"]) for column in row.columns]
+        """Stored with the dataset; for datasets written before summaries were stored, computed one
+        row group at a time."""
+        if row.summary is not None:
+            return list(row.summary)
+        return summarise_parquet(self.store.path(row.storage_key), list(row.columns))
 
     def rows(self, row: DatasetTable, offset: int, limit: int) -> list[list[Any]]:
         """Rows [offset, offset+limit), reading only the Parquet row groups that hold them."""
@@ -270,7 +393,14 @@ def _neutralise_cell(text: str) -> str:
 
 
 def sweep_orphan_files(session: Session, store: LocalArtifactStore, grace_seconds: float) -> list[str]:
-    """Remove dataset files no row names (left by a process killed between write and commit)."""
+    """Remove dataset files no row names (left by a process killed between write and commit, an
+    upload's spool file among them) and scratch directories older than the grace period."""
+    work = store.path(WORK_PREFIX)
+    if work.is_dir():
+        cutoff = time.time() - grace_seconds
+        for entry in work.iterdir():
+            if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
     return store.sweep_orphans(DATASET_PREFIX, DatasetRepository(session).storage_keys(), grace_seconds)
 
 
@@ -279,27 +409,3 @@ def _safe_filename(filename: str | None) -> str | None:
         return None
     printable = "".join(ch for ch in filename if ch.isprintable())  # no NUL/control chars in the recipe
     return PurePath(printable.replace("\\", "/")).name[:200] or None
-
-
-def _column_summary(series: pd.Series, dtype: str) -> dict[str, Any]:
-    present = series.dropna()
-    summary: dict[str, Any] = {
-        "name": series.name,
-        "dtype": dtype,
-        "count": int(present.size),
-        "null_count": int(series.size - present.size),
-        "min": None,
-        "max": None,
-        "mean": None,
-        "std": None,
-    }
-    if present.empty:
-        return summary
-    if dtype == "string":
-        summary["min"], summary["max"] = str(present.min()), str(present.max())
-        return summary
-    values = present.to_numpy(dtype="float64")
-    summary.update(min=float(values.min()), max=float(values.max()), mean=float(values.mean()))
-    if values.size > 1:
-        summary["std"] = float(np.std(values, ddof=1))
-    return summary

@@ -31,6 +31,9 @@ class DatasetTable(Base):
     # Source, parent, direct inputs, depth, datasets, steps and bytes of ``recipe``: what listings
     # show, so they never read recipes (migration 0004 filled it in for older rows).
     recipe_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Per-column count, nulls, min, max, mean, std, computed while the file was written (migration
+    # 0005); NULL for older rows, whose summary is computed row group by row group when read.
+    summary: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 

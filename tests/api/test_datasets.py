@@ -298,11 +298,25 @@ def test_key_column_problems(client: TestClient) -> None:
 def test_upload_over_the_size_limit_is_413(tmp_path, database_url) -> None:  # type: ignore[no-untyped-def]
     from service.main import create_app
 
-    settings = Settings(data_dir=tmp_path, database_url=database_url, max_upload_bytes=1000, log_level="WARNING")
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        max_upload_bytes=1000,
+        max_csv_upload_bytes=2000,
+        log_level="WARNING",
+    )
     with TestClient(create_app(settings)) as client:
         big = b"k,v\n" + b"".join(b"row%d,%d\n" % (i, i) for i in range(500))
         response = client.post("/datasets", files={"file": ("big.csv", big)}, data={"name": "big"})
         assert_error(response, 413, "payload_too_large", "larger than the configured limit")
+        assert response.json()["error"]["details"]["limit_bytes"] == 2000
+        raw = client.post("/datasets?name=big", content=big, headers={"content-type": "text/csv"})
+        assert_error(raw, 413, "payload_too_large")
+        # CSV uploads have their own (larger) limit: 1,500 bytes of CSV pass where JSON stops at 1,000.
+        small = b"k,v\n" + b"".join(b"row%d,%d\n" % (i, i) for i in range(130))
+        assert 1000 < len(small) < 1900
+        assert client.post("/datasets", files={"file": ("s.csv", small)}, data={"name": "s"}).status_code == 201
+        client.delete(f"/datasets/{client.get('/datasets').json()['items'][0]['id']}")
         json_big = client.post("/datasets", json={"name": "j", "columns": ["a"], "rows": [[i] for i in range(1000)]})
         assert_error(json_big, 413, "payload_too_large")
         assert dataset_count(client) == 0
@@ -311,7 +325,7 @@ def test_upload_over_the_size_limit_is_413(tmp_path, database_url) -> None:  # t
 
 def test_malformed_requests(client: TestClient) -> None:
     assert_error(
-        client.post("/datasets", content=b"a,b", headers={"content-type": "text/csv"}), 415, "unsupported_media_type"
+        client.post("/datasets", content=b"a,b", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"
     )
     assert_error(
         client.post("/datasets", content=b"{", headers={"content-type": "application/json"}),

@@ -226,7 +226,7 @@ def test_migration_0004_rewrites_nested_recipes_by_reference(database_url: str, 
         assert len(json.dumps(nested)) > 2**10 * 100  # 2**10 copies of the base recipe
 
         upgrade_to_head(database.engine)
-        assert current_revision(database.engine) == "0004"
+        assert current_revision(database.engine) >= "0004"
         with database.engine.connect() as connection:
             rows: dict[str, Any] = {r[0]: r[1] for r in connection.execute(text("SELECT id, recipe FROM datasets"))}
             summaries: dict[str, Any] = {
