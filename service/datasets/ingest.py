@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 
 from service.datasets.columnar import pandas_schema
 from service.datasets.parsing import NUMBER_PATTERN, check_column_names
-from service.errors import InvalidInput
+from service.errors import InvalidInput, storage_error
 
 # Python's str.strip() removes exactly the characters for which str.isspace() is true.
 PY_WHITESPACE = "".join(chr(code) for code in range(0x110000) if chr(code).isspace())
@@ -63,7 +63,11 @@ _NUMBER = re.compile(f"^{NUMBER_PATTERN}$")
 _INTEGER = re.compile(_INTEGER_RE2)
 _NON_FINITE = re.compile(_NON_FINITE_RE2)
 _INT64_LIMIT = 2**53
-BLOCK_BYTES = 4 << 20  # pyarrow's streaming reader parses blocks of this size, two threads at a time
+BLOCK_BYTES = 4 << 20  # pyarrow parses blocks of this size, one per thread
+PIECE_BYTES = 8 << 20  # the file is read in pieces of this size (at least two blocks)
+PROBE_ROWS = 2000  # column types are assumed from this many first rows
+WRITES_IN_FLIGHT = 2  # row groups queued for the writer thread before the parser waits
+SYNC_BYTES = 64 << 20  # the Parquet file is flushed to disk as it grows, so publishing it is quick
 MAX_BLOCK_BYTES = 256 << 20  # a row longer than a block needs bigger blocks, up to this
 TAIL_BYTES = 1 << 20  # how much of the file's end is read to see whether its last line is whole
 PANDAS_CHUNK_BYTES = 8 << 20
@@ -163,7 +167,10 @@ class CsvSpool:
             facts.has_content = True
         if facts.utf8_error_offset is None:
             facts.utf8_error_offset = self._decoder.feed(chunk, facts.size)
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as exc:  # a full disk is a 507, as for any write to the artifact store
+            raise storage_error(exc, self.path.name) from exc
         facts.size += len(chunk)
 
     def close(self) -> SpoolFacts:
@@ -312,7 +319,8 @@ class ChunkTyper:
 
     def _checked_double(self, position: int, values: pa.Array) -> pa.Array:
         """A column the fast reader converted: any nan/inf needs the exact path's errors."""
-        if values.null_count < len(values) and not pc.all(pc.is_finite(values)).as_py():
+        total = pc.sum(values).as_py()  # nan and inf make the sum non-finite (and so may a huge one)
+        if total is not None and not math.isfinite(total) and not pc.all(pc.is_finite(values)).as_py():
             raise _Restart(position, read_double=False)
         return values
 
@@ -409,6 +417,7 @@ def _as_string(array: pa.Array | pa.ChunkedArray) -> pa.Array:
 def assume_plans(names: Sequence[str], key_column: str | None, first: Sequence[pa.Array]) -> list[ColumnPlan]:
     """Column types as the first piece suggests (checked, and weakened if need be, on every piece)."""
     plans = []
+    first = [array.slice(0, PROBE_ROWS) for array in first]  # a sample: later rows are checked anyway
     for name, array in zip(names, first, strict=True):
         if name == key_column:
             plans.append(ColumnPlan(name, Kind.KEY))
@@ -554,14 +563,17 @@ class RowGroupWriter:
             schema,
             compression={**{name: "snappy" for name in text}, **numeric},
             use_dictionary=text,
+            data_page_size=8 << 20,
         )
+        self._path = path
+        self._unsynced = 0
         self.schema = schema
         self.rows = rows
         self.summary = summary
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="parquet-writer")
-        self._future: Future[None] | None = None
+        self._futures: list[Future[None]] = []
         self.written = 0
 
     def add(self, arrays: Sequence[pa.Array]) -> None:
@@ -580,31 +592,39 @@ class RowGroupWriter:
             self._pending_rows = rest.num_rows
 
     def _submit(self, table: pa.Table) -> None:
-        if self._future is not None:
-            self._future.result()
-        self._future = self._executor.submit(self._write, table)
+        while len(self._futures) >= WRITES_IN_FLIGHT:
+            self._futures.pop(0).result()
+        self._futures.append(self._executor.submit(self._write, table))
         self.written += table.num_rows
 
     def _write(self, table: pa.Table) -> None:
         if self.summary is not None:
             self.summary.add(table.columns)
         self._writer.write_table(table, self.rows)
+        self._unsynced += table.nbytes
+        if self._unsynced >= SYNC_BYTES:  # flush to disk as the file grows, off the parsing thread,
+            self._unsynced = 0  # so the fsync before publication has little left to do
+            descriptor = os.open(self._path, os.O_RDONLY)
+            try:
+                os.fdatasync(descriptor)
+            finally:
+                os.close(descriptor)
 
     def close(self) -> None:
         try:
             if self._pending_rows:
                 self._submit(pa.Table.from_batches(self._pending, schema=self.schema))
                 self._pending, self._pending_rows = [], 0
-            if self._future is not None:
-                self._future.result()
+            for future in self._futures:
+                future.result()
         finally:
             self._executor.shutdown(wait=True)
             self._writer.close()
 
     def abort(self) -> None:
         try:
-            if self._future is not None:
-                self._future.exception()
+            for future in self._futures:
+                future.exception()
         finally:
             self._executor.shutdown(wait=True)
             self._writer.close()
@@ -613,49 +633,42 @@ class RowGroupWriter:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _may_end_inside_quotes(path: Path, delimiter: str, last: pa.RecordBatch) -> bool:
-    """Whether the file might end inside a quoted field, which pandas refuses ("EOF inside string")
-    and pyarrow closes silently. It does if the quote opened on the last line (which then does
-    not parse on its own), or on an earlier one (then the last row holds a line break). A last row
-    with a line break inside quotes, legitimately, is also sent to the exact tokenizer: rare."""
-    for column in last.columns:
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            cell = column[last.num_rows - 1].as_py()
-            if cell is not None and ("\n" in cell or "\r" in cell):
-                return True
-    with open(path, "rb") as raw:
-        size = raw.seek(0, os.SEEK_END)
-        raw.seek(max(0, size - TAIL_BYTES))
-        tail = raw.read()
-    body = tail.rstrip(b"\r\n") if tail.endswith((b"\n", b"\r")) else tail
-    body = body[:-1] if tail.endswith(b"\r\n") and body.endswith(b"\r") else body
+def _ends_inside_quotes(tail: bytes, at_file_start: bool, delimiter: str, last_row: Sequence[object]) -> bool:
+    """Whether text ending with ``tail`` (whole lines) might end inside a quoted field, where
+    pyarrow closes the field silently (pandas refuses a file ending so: "EOF inside string", and a
+    cut there would split a field). It might if the quote opened on the last line, which then does
+    not parse on its own, or on an earlier one: then ``last_row``, the last row pyarrow read, holds
+    a line break. A last row with a line break inside quotes, legitimately, answers True too."""
+    if any(isinstance(cell, str) and ("\n" in cell or "\r" in cell) for cell in last_row):
+        return True
+    body = tail[:-1] if tail.endswith((b"\n", b"\r")) else tail
+    body = body[:-1] if tail.endswith(b"\r\n") else body
     start = max(body.rfind(b"\n"), body.rfind(b"\r")) + 1
-    if start == 0 and size > TAIL_BYTES:
+    if start == 0 and not at_file_start:
         return True  # a last line longer than the tail: do not guess
-    line = body[start:].decode("utf-8", errors="replace")
     try:
-        list(csv.reader([line], delimiter=delimiter, strict=True))
+        list(csv.reader([body[start:].decode("utf-8", errors="replace")], delimiter=delimiter, strict=True))
     except csv.Error:
         return True
     return False
+
+
+def _last_row(columns: Sequence[pa.Array | pa.ChunkedArray]) -> list[object]:
+    return [column[len(column) - 1].as_py() for column in columns if len(column)]
 
 
 class _RowTooLong(Exception):
     """A row straddled two blocks: read again with bigger blocks."""
 
 
-def arrow_pieces(
-    path: Path,
-    header: list[str],
-    delimiter: str,
-    plans: Sequence[ColumnPlan],
-    block_bytes: int = 0,
-    quoted: bool = True,
-) -> Iterator[list[pa.Array]]:
-    """Blocks of the file parsed by pyarrow's streaming CSV reader (multithreaded; quoted fields,
-    line breaks inside quotes included). Without ``plans`` every column is read as text; with
-    them, the columns they say are converted to ``float64`` by the reader itself."""
-    read = pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=block_bytes or BLOCK_BYTES)
+class _CutInsideQuotes(Exception):
+    """A piece may end inside a quoted field: read the file with the streaming reader instead."""
+
+
+def _arrow_options(
+    header: list[str], delimiter: str, plans: Sequence[ColumnPlan], block_bytes: int, skip_header: bool
+) -> tuple[pcsv.ReadOptions, pcsv.ParseOptions, pcsv.ConvertOptions]:
+    read = pcsv.ReadOptions(column_names=header, skip_rows=1 if skip_header else 0, block_size=block_bytes)
     parse = pcsv.ParseOptions(delimiter=delimiter, quote_char='"', double_quote=True, newlines_in_values=True)
     convert = pcsv.ConvertOptions(
         column_types={plan.name: pa.float64() if plan.read_double else pa.string() for plan in plans}
@@ -665,24 +678,95 @@ def arrow_pieces(
         quoted_strings_can_be_null=True,
         check_utf8=False,  # checked while spooling
     )
+    return read, parse, convert
+
+
+def _arrow_errors(exc: pa.ArrowInvalid) -> Exception:
+    """What a pyarrow refusal means for the pass: a conversion to restart, bigger blocks, or the
+    exact tokenizer."""
+    message = str(exc)
+    conversion = re.search(r"In CSV column #(\d+): CSV conversion error", message)
+    if conversion is not None:
+        return _Restart(int(conversion.group(1)), read_double=False)
+    if "straddles two block boundaries" in message:
+        return _RowTooLong(message)
+    return _NeedExactTokenizer(message)
+
+
+def _pieces(path: Path, piece_bytes: int) -> Iterator[tuple[memoryview, bool]]:
+    """The file cut after line ends (``\\n`` or ``\\r``) into pieces of about ``piece_bytes``, each one
+    fresh buffer read straight from the file; with each, whether it ends the file."""
+    with open(path, "rb") as raw:
+        carry = b""
+        while True:
+            buffer = bytearray(len(carry) + piece_bytes)
+            buffer[: len(carry)] = carry
+            view = memoryview(buffer)
+            filled = len(carry) + raw.readinto(view[len(carry) :])
+            if filled < len(buffer):  # the end of the file
+                if filled:
+                    yield view[:filled], True
+                return
+            cut = max(buffer.rfind(b"\n"), buffer.rfind(b"\r"))
+            if cut < 0:  # a line longer than the piece: read on
+                carry = bytes(view)
+                continue
+            carry = bytes(view[cut + 1 :])
+            yield view[: cut + 1], False
+
+
+def arrow_pieces(
+    path: Path,
+    header: list[str],
+    delimiter: str,
+    plans: Sequence[ColumnPlan],
+    block_bytes: int = 0,
+    quoted: bool = True,
+    streaming: bool = False,
+) -> Iterator[list[pa.Array]]:
+    """The file parsed by pyarrow. Without ``plans`` every column is read as text; with them, the
+    columns they say are converted to ``float64`` by the reader itself.
+
+    By default the file is cut at line ends into pieces, each parsed by ``read_csv`` on both cores.
+    A cut inside a quoted field (possible only in a ``quoted`` file) is caught at the piece's end
+    (:func:`_ends_inside_quotes`): the pass is then run with ``streaming``, pyarrow's streaming
+    reader, which follows quotes across blocks itself (on one core)."""
+    block_bytes = block_bytes or BLOCK_BYTES
     try:
-        reader = pcsv.open_csv(path, read, parse, convert)
-        with reader:
-            last: pa.RecordBatch | None = None
-            for batch in reader:
-                if batch.num_rows:
-                    last = batch
-                    yield list(batch.columns)
-        if quoted and last is not None and _may_end_inside_quotes(path, delimiter, last):
-            raise _NeedExactTokenizer("the file may end inside a quoted field")
+        if streaming:
+            read, parse, convert = _arrow_options(header, delimiter, plans, block_bytes, skip_header=True)
+            reader = pcsv.open_csv(path, read, parse, convert)
+            last: list[pa.Array] = []
+            with reader:
+                for batch in reader:
+                    if batch.num_rows:
+                        last = list(batch.columns)
+                        yield last
+            if quoted and last and _ends_inside_quotes(_tail(path), False, delimiter, _last_row(last)):
+                raise _NeedExactTokenizer("the file may end inside a quoted field")
+            return
+        first = True
+        for piece, final in _pieces(path, max(PIECE_BYTES, 2 * block_bytes)):
+            read, parse, convert = _arrow_options(header, delimiter, plans, block_bytes, skip_header=first)
+            table = pcsv.read_csv(pa.BufferReader(pa.py_buffer(piece)), read, parse, convert)
+            if quoted and table.num_rows:
+                tail = bytes(piece[-TAIL_BYTES:])
+                if _ends_inside_quotes(tail, first and len(piece) <= TAIL_BYTES, delimiter, _last_row(table.columns)):
+                    if final:
+                        raise _NeedExactTokenizer("the file may end inside a quoted field")
+                    raise _CutInsideQuotes()
+            first = False
+            if table.num_rows:
+                yield [_combined(column) for column in table.columns]
     except pa.ArrowInvalid as exc:
-        message = str(exc)
-        conversion = re.search(r"In CSV column #(\d+): CSV conversion error", message)
-        if conversion is not None:
-            raise _Restart(int(conversion.group(1)), read_double=False) from exc
-        if "straddles two block boundaries" in message:
-            raise _RowTooLong(message) from exc
-        raise _NeedExactTokenizer(message) from exc
+        raise _arrow_errors(exc) from exc
+
+
+def _tail(path: Path) -> bytes:
+    with open(path, "rb") as raw:
+        size = raw.seek(0, os.SEEK_END)
+        raw.seek(max(0, size - TAIL_BYTES))
+        return raw.read()
 
 
 def pandas_pieces(path: Path, header: list[str], delimiter: str) -> Iterator[list[pa.Array]]:
@@ -759,13 +843,14 @@ def ingest_csv(
     plans: list[ColumnPlan] = []
     restarts = [0] * len(header)
     block_bytes = BLOCK_BYTES
+    streaming = False
     while True:
         try:
             if exact_tokenizer:
                 pieces = pandas_pieces(path, header, delimiter)
             else:
                 if not plans:  # column types assumed from the first block, read as text
-                    probe = arrow_pieces(path, header, delimiter, [], block_bytes, quoted=False)
+                    probe = arrow_pieces(path, header, delimiter, [], block_bytes, quoted=False, streaming=True)
                     try:
                         first = next(probe, None)
                     finally:
@@ -773,13 +858,15 @@ def ingest_csv(
                     if first is None:
                         raise InvalidInput("the file has a header but no data rows")
                     plans = assume_plans(header, key_column, first)
-                pieces = arrow_pieces(path, header, delimiter, plans, block_bytes, quoted=facts.has_quote)
+                pieces = arrow_pieces(path, header, delimiter, plans, block_bytes, facts.has_quote, streaming)
             return _one_pass(pieces, header, key_column, plans, out_path, row_group_rows)
         except _PassRestart as again:
             plans = again.plans
             restarts[again.position] += 1
             if restarts[again.position] > _RESTARTS_PER_COLUMN:  # cannot happen: types only weaken
                 raise AssertionError(f"column {header[again.position]!r} was re-typed too often") from again
+        except _CutInsideQuotes:
+            streaming = True
         except _RowTooLong:
             if block_bytes >= MAX_BLOCK_BYTES:
                 exact_tokenizer = True

@@ -108,8 +108,8 @@ class DatasetService:
         needed = 2 * upload_bytes
         if free < needed:
             raise InsufficientStorage(
-                f"the server has {free} bytes of free disk; an upload of {upload_bytes} bytes needs about {needed} "
-                "(the file and its Parquet copy)",
+                f"no space left in the artifact store for an upload of {upload_bytes} bytes: {free} bytes are free, "
+                f"about {needed} are needed (the file and its Parquet copy)",
                 details={"free_bytes": free, "needed_bytes": needed},
             )
 

@@ -130,7 +130,7 @@ def test_an_upload_the_disk_cannot_hold_is_refused_before_it_is_read(
     usage = shutil.disk_usage(settings.resolved_artifact_dir)
     monkeypatch.setattr(dataset_service.shutil, "disk_usage", lambda _: usage._replace(free=len(CSV)))
     response = client.post("/datasets?name=x", content=CSV, headers={"content-type": "text/csv"})
-    error = assert_error(response, 507, "insufficient_storage", "free disk")
+    error = assert_error(response, 507, "insufficient_storage", "no space left")
     assert error["details"]["needed_bytes"] == 2 * len(CSV)
     assert leftovers(settings) == []
 

@@ -90,6 +90,7 @@ def csv_files(draw: st.DrawFn) -> tuple[bytes, str, str | None]:
 @pytest.fixture(autouse=True)
 def tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ingest, "BLOCK_BYTES", 96)  # rows longer than this retry with bigger blocks
+    monkeypatch.setattr(ingest, "PIECE_BYTES", 150)  # many cuts, some inside quoted fields
     monkeypatch.setattr(ingest, "PANDAS_CHUNK_BYTES", 40)
 
 
@@ -169,6 +170,8 @@ def test_streaming_ingest_equals_the_original_parser(tmp_path: Path, case: tuple
         (b'a,b\n"x\ny",1\n"k2",2\n', None),  # a line break inside quotes
         (b'a,b\nab",1\n"x\ny",2\n', None),  # a stray quote pairs with the next field's
         (b'a,b\n"ab"c,1\n"7"8,2\n', None),
+        (b"a,b\n" + b"1,2\n" * 40 + b'"' + b"x\n" * 90 + b'",3\n' + b"4,5\n" * 40, None),  # cut inside quotes
+        (b"a,b\n" + b"1,2\n" * 40 + b'7,"x\n' + b"y\n" * 90, None),  # ends inside quotes
         (b"a,b\n1,2\n3,4,5\n", None),  # a long row: refused
         (b"a,b\n1,2,3\n4,5\n", None),  # a long first row: refused (it used to shift the columns)
         (b"a,b\n" + b"1,2\n" * 40 + b"2.5,x\n", None),  # int, then float and text after many pieces

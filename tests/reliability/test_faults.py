@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 from moto.sagemaker.models import SageMakerModelBackend
@@ -32,6 +33,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from service.datasets.ingest import CsvSpool
 from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
 from service.engine import write_model_tar
 from service.main import create_app
@@ -647,7 +649,8 @@ def test_commit_failing_after_the_file_is_in_place_leaves_neither(
 
 
 def _full_disk(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
-    """Every write into the artifact directory writes part of its bytes, then fails with ENOSPC."""
+    """Every write into the artifact directory (pandas' and pyarrow's Parquet writers, an upload's
+    spool file, plain files) writes part of its bytes, then fails with ENOSPC."""
     to_parquet = pd.DataFrame.to_parquet
     write_bytes = Path.write_bytes
 
@@ -666,8 +669,37 @@ def _full_disk(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
             raise enospc(self)
         return write_bytes(self, data)
 
+    write_table = pq.ParquetWriter.write_table
+    spool_init = CsvSpool.__init__
+
+    def partial_table(self: pq.ParquetWriter, table: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(str(self.where)).resolve().is_relative_to(root):
+            write_table(self, table.slice(0, max(table.num_rows // 2, 1)), *args, **kwargs)
+            raise enospc(self.where)
+        return write_table(self, table, *args, **kwargs)
+
+    class FullFile:
+        """A file on a full disk: half of each write lands, then ENOSPC."""
+
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def write(self, data: bytes) -> int:
+            self.real.write(data[: len(data) // 2])
+            raise enospc(self.real.name)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    def full_spool(self: CsvSpool, path: Path) -> None:
+        spool_init(self, path)
+        if path.resolve().is_relative_to(root):
+            self._file = FullFile(self._file)  # type: ignore[assignment]
+
     monkeypatch.setattr(pd.DataFrame, "to_parquet", partial_parquet)
     monkeypatch.setattr(Path, "write_bytes", partial_bytes)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", partial_table)
+    monkeypatch.setattr(CsvSpool, "__init__", full_spool)
 
 
 def _assert_disk_full_refusals(client: TestClient, settings: Settings, dataset_id: str) -> list[str]:
