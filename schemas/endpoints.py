@@ -101,11 +101,18 @@ class PredictionRequest(BaseModel):
         default=False,
         description="Rows are in original units: apply the model's preprocessing recipe (scaling, fills) first.",
     )
-    include_distances: bool = Field(default=False, description="Also return the distance to every centroid.")
+    include_distances: bool = Field(
+        default=False,
+        description="Also return the distance to every centroid. JSON: at most `CENTROID_MAX_DISTANCE_CELLS` "
+        "(rows x k) per request (413 above); streamed (JSON Lines, CSV): the same bound applies to each batch of "
+        "rows, so a dataset of any size can be streamed with every distance.",
+    )
     sort: str | None = Field(
         default=None,
         description="Comma-separated order: `key`, `cluster`, `distance`, each optionally prefixed by `-` "
-        "(descending). `cluster,distance` is the workshop's ordering. Default: input order.",
+        "(descending). `cluster,distance` is the workshop's ordering. Default: input order. Streamed (JSON Lines, "
+        "CSV), any number of rows can be sorted: above `CENTROID_MAX_INVOCATION_ROWS` on disk, so the first line "
+        "comes once every row is predicted and sorted.",
         examples=["cluster,distance"],
     )
 
@@ -128,6 +135,14 @@ class RowPrediction(BaseModel):
         description="Euclidean (not squared) distance to that centroid.", examples=[12.7]
     )
     distances: list[float] | None = Field(default=None, description="Distance to every centroid, if asked for.")
+
+
+#: Examples of the streamed forms of predictions for a dataset (``Accept: application/jsonlines``, ``text/csv``).
+STREAMED_PREDICTION_LINES = (
+    '{"key":"Alabama","closest_cluster":3,"distance_to_cluster":12.7}\n'
+    '{"key":"Alaska","closest_cluster":7,"distance_to_cluster":4.25}\n'
+)
+STREAMED_PREDICTION_CSV = "key,closest_cluster,distance_to_cluster\nAlabama,3,12.7\nAlaska,7,4.25\n"
 
 
 class PredictionResponse(BaseModel):

@@ -70,8 +70,17 @@ class Assignment(BaseModel):
     distance_to_cluster: float = Field(description="Euclidean distance to the centroid.", examples=[12.7])
 
 
+#: Examples of the streamed forms of assignments (``Accept: application/jsonlines``, ``text/csv``).
+STREAMED_ASSIGNMENT_LINES = (
+    '{"key":"Alabama","closest_cluster":3,"distance_to_cluster":12.7}\n'
+    '{"key":"Alaska","closest_cluster":7,"distance_to_cluster":4.25}\n'
+)
+STREAMED_ASSIGNMENT_CSV = "key,closest_cluster,distance_to_cluster\nAlabama,3,12.7\nAlaska,7,4.25\n"
+
+
 class Assignments(BaseModel):
-    """The training dataset's key → cluster map."""
+    """The training dataset's key → cluster map (the JSON form; JSON Lines and CSV stream one
+    :class:`Assignment` per line instead, without `counts`)."""
 
     model_id: str
     dataset_id: str

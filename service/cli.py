@@ -38,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 30,
         **_http_options(settings),
     }
+    _one_blas_thread()
     if args.workers == 1:
         with _metrics_dir(create=False):
             from service.main import create_app
@@ -45,6 +46,18 @@ def _serve(args: argparse.Namespace) -> int:
             uvicorn.run(create_app(settings), **options)
         return 0
     return _serve_processes(args.workers, settings, options)
+
+
+def _one_blas_thread() -> None:
+    """API processes serve many requests at once, one core each: idle BLAS threads would spin
+    against them (streamed predictions run about 1.5x faster with one). OPENBLAS_NUM_THREADS, when
+    set, wins; the worker processes of ``--workers N`` inherit the setting."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def _http_options(settings: Settings) -> dict[str, Any]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
 from schemas.endpoints import (
+    STREAMED_PREDICTION_CSV,
+    STREAMED_PREDICTION_LINES,
     Endpoint,
     EndpointCreate,
     EndpointModelSwitch,
@@ -24,6 +28,8 @@ from service.endpoints.service import EndpointService
 from service.endpoints.serving import ServingService
 from service.errors import PayloadTooLarge, UnsupportedMediaType
 from service.request_bodies import parse_json, validate
+from service.request_context import current_request_id
+from service.streaming import is_streamed, negotiate, streamed_content
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
 # The hot paths, in a router of their own that the app includes before every other: routes are
@@ -179,18 +185,46 @@ def parse_prediction_request(body: bytes, max_rows: int) -> PredictionRequest:
     return validate(PredictionRequest, parse_json(body), ("body",))
 
 
+_PREDICTION_STREAM_CONTENT = streamed_content(
+    STREAMED_PREDICTION_LINES,
+    STREAMED_PREDICTION_CSV,
+    "One `RowPrediction` object per line (`distances` only with `include_distances`); a failure after "
+    'the first line ends the stream with one `{"error": {...}}` line.',
+)
+
+
 @hot.post(
     "/{name}/predictions",
     response_model=PredictionResponse,
     summary="Cluster assignments for rows or a dataset, labelled by key",
-    responses=error_responses(400, 404, 409, 413, 415, 422),
+    responses={
+        200: {
+            "description": "JSON (default); for a `dataset_id`, JSON Lines or CSV per `Accept`, streamed, any size.",
+            "content": _PREDICTION_STREAM_CONTENT,
+        },
+        **error_responses(400, 404, 406, 409, 413, 415, 422),
+    },
     openapi_extra=_PREDICTION_BODY,
 )
 async def predictions(name: str, request: Request) -> Response:
     """Rows (objects keyed by feature name) or a `dataset_id`; `raw: true` applies the model's
     preprocessing first. `sort: "cluster,distance"` gives the workshop's ordering, and
     `cluster_counts` the number of rows per cluster. More than `CENTROID_MAX_INVOCATION_ROWS`
-    rows get 413 before the body is parsed; keys other than the model's columns get 400."""
+    rows get 413 before the body is parsed; keys other than the model's columns get 400.
+
+    **Streaming a dataset.** With a `dataset_id` and `Accept: application/jsonlines` (or its aliases
+    `application/x-jsonlines`, `application/x-ndjson`, `application/jsonl`) or `Accept: text/csv`,
+    every row of the dataset comes back as one line, streamed while it is computed: no row cap,
+    memory independent of the dataset's size. JSON Lines: `{"key": ..., "closest_cluster": ...,
+    "distance_to_cluster": ...}` (`"distances": [...]` with `include_distances`); CSV: a header row
+    `key,closest_cluster,distance_to_cluster` (then `distances_0`...), one row per line. There are no
+    `cluster_counts` in these forms. Problems found before the first line (unknown dataset, missing or
+    non-numeric columns, nulls or non-finite values the Parquet statistics reveal) get their usual
+    status; one found later ends the stream with a last line `{"error": {...}}` (CSV: `#error `
+    followed by that JSON). `sort` works at any size too: above `CENTROID_MAX_INVOCATION_ROWS` rows
+    the rows are sorted on disk (the first line comes once every row is predicted and sorted).
+    `include_distances` is bounded per batch of rows rather than per request. Rows requests are
+    answered in JSON whatever `Accept` says."""
     content_type = media_type(request.headers.get("content-type"))
     if content_type not in ("", JSON) and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; send {JSON}")
@@ -202,15 +236,32 @@ async def predictions(name: str, request: Request) -> Response:
             return Response(state.serving.predict_rows(name, payload), media_type=JSON)
     else:
         payload = await run_in_threadpool(parse_prediction_request, body, state.settings.max_invocation_rows)
+    if payload.dataset_id is not None and payload.rows is None:
+        answer = negotiate(request.headers.get("accept"))
+        if is_streamed(answer):
+            request_id = current_request_id()
+            lines = await run_in_threadpool(_dataset_stream, state, name, payload, answer, request_id)
+            return StreamingResponse(lines, media_type=answer)
     content = await run_in_threadpool(_dataset_or_rows, state, name, payload)
     return Response(content, media_type=JSON)
 
 
 def _dataset_or_rows(state: AppState, name: str, payload: PredictionRequest) -> bytes:
     with state.database.session() as session:
-        return EndpointService(session, state.store, state.backends, state.catalog, state.serving).dataset_predictions(
-            name, payload
-        )
+        return _endpoint_service(state, session).dataset_predictions(name, payload)
+
+
+def _dataset_stream(
+    state: AppState, name: str, payload: PredictionRequest, answer: str, request_id: str | None
+) -> Iterator[bytes]:
+    """Checks everything it can (in a worker thread), then hands back the lines to stream; the
+    database session is closed before the first line is computed."""
+    with state.database.session() as session:
+        return _endpoint_service(state, session).stream_dataset_predictions(name, payload, answer, request_id)
+
+
+def _endpoint_service(state: AppState, session: Session) -> EndpointService:
+    return EndpointService(session, state.store, state.backends, state.catalog, state.serving)
 
 
 def serving_of(request: Request) -> ServingService:

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas.endpoints import EndpointCreate, PredictionRequest
 from service.backends import BackendRegistry
-from service.datasets.online import NotCompilable
 from service.datasets.repository import DatasetRepository
-from service.datasets.transforms import replay
+from service.datasets.service import WORK_PREFIX
 from service.db.changes import announce_work, bump_serving, work_committed
 from service.db.tables import EndpointTable, ModelTable
 from service.db.types import utcnow
-from service.endpoints.cache import ServingCatalog
+from service.endpoints.cache import ServingCatalog, ServingEntry
 from service.endpoints.limits import check_distances_budget
 from service.endpoints.repository import EndpointRepository
-from service.endpoints.serving import ServingService, render_predictions
+from service.endpoints.serving import ServingService, render_predictions, sort_order
+from service.engine import Prediction
+from service.engine.predict import euclidean_distances
 from service.errors import Conflict, InvalidInput, PayloadTooLarge
 from service.models.repository import ModelRepository
-from service.models.service import frame_matrix
+from service.models.service import DatasetReader, RawBatch, batch_rows, rendered
 from service.storage import LocalArtifactStore
+from service.streaming import (
+    CSV,
+    JSONLINES,
+    LineFormat,
+    RowBatch,
+    concat_rows,
+    external_sort,
+    line_format,
+    ordered_map,
+    slices,
+    stream_lines,
+)
 
 
 class EndpointService:
@@ -162,49 +176,116 @@ class EndpointService:
     # --- predictions for a stored dataset -----------------------------------------------------
 
     def dataset_predictions(self, name: str, request: PredictionRequest) -> bytes:
+        """The JSON form (``PredictionResponse``): at most ``CENTROID_MAX_INVOCATION_ROWS`` rows,
+        413 above with the advice to stream instead."""
         if (request.rows is None) == (request.dataset_id is None):
             raise InvalidInput("send exactly one of `rows` or `dataset_id`")
         if request.rows is not None:
             return self.serving.predict_rows(name, request)
-        entry = self.serving.entry(name)
-        dataset = DatasetRepository(self.session).get(request.dataset_id or "")
-        if dataset.row_count > self.settings.max_invocation_rows:
+        work = self._dataset_work(name, request)
+        limit = self.settings.max_invocation_rows
+        if work.reader.rows > limit:
             raise PayloadTooLarge(
-                f"dataset {dataset.id!r} has {dataset.row_count} rows; "
-                f"at most {self.settings.max_invocation_rows} per request",
-                details={"limit": self.settings.max_invocation_rows},
+                f"{work.reader.what} has {work.reader.rows} rows; the JSON form holds at most {limit} "
+                f"(CENTROID_MAX_INVOCATION_ROWS). Send `Accept: {JSONLINES}` or `Accept: {CSV}` to stream "
+                "every row, one line each, whatever the dataset's size",
+                details={"rows": work.reader.rows, "limit": limit, "streamed_media_types": [JSONLINES, CSV]},
             )
         if request.include_distances:
-            check_distances_budget(dataset.row_count, entry.model.k, self.settings.max_distance_cells)
-        frame = pd.read_parquet(self.store.path(dataset.storage_key))
-        keys = (
-            frame[dataset.key_column].astype(str).tolist()
-            if dataset.key_column
-            else [str(i) for i in range(len(frame))]
-        )
-        what = f"dataset {dataset.id!r}"
-        names = entry.model.served.feature_names
-        if request.raw:
-            compiled = entry.model.compiled_recipe
-            if compiled is None:
-                raise InvalidInput("this model has no preprocessing recipe (it was imported); send scaled rows")
-            try:
-                matrix = compiled.frame_matrix(frame, what)
-            except NotCompilable:
-                matrix = frame_matrix(replay(compiled.recipe or {}, frame), names, what)
+            check_distances_budget(work.reader.rows, work.entry.model.k, self.settings.max_distance_cells)
+        rows = work.all_rows()
+        self.serving.metrics.record_prediction(name, "predictions", len(rows))
+        prediction = Prediction(rows.closest_cluster, rows.distance_to_cluster, rows.distances)
+        return render_predictions(name, work.entry, rows.keys.to_pylist(), prediction, request.sort)
+
+    def stream_dataset_predictions(
+        self, name: str, request: PredictionRequest, media_type: str, request_id: str | None
+    ) -> Iterator[bytes]:
+        """JSON Lines or CSV, one line per row of the dataset, any number of rows (see
+        :mod:`service.streaming`). Everything checkable is checked before this returns (before the
+        first byte). ``include_distances`` is bounded per batch: batches hold at most
+        ``CENTROID_MAX_DISTANCE_CELLS`` / k rows. ``sort`` needs every row: it is
+        sorted in memory up to ``CENTROID_MAX_INVOCATION_ROWS`` rows, and by an external sort above
+        (nothing is sent until every row is predicted)."""
+        if request.dataset_id is None or request.rows is not None:
+            raise InvalidInput(f"{media_type} is answered for a `dataset_id`; rows are answered in JSON")
+        k = self.serving.entry(name).model.k
+        rows = batch_rows(self.settings.parquet_row_group_rows)
+        if request.include_distances:
+            check_distances_budget(1, k, self.settings.max_distance_cells)
+            rows = min(rows, self.settings.max_distance_cells // k)
+        work = self._dataset_work(name, request, rows)
+        lines = line_format(media_type)
+        if request.sort:
+            chunks = self._sorted_chunks(work, lines, request.sort, rows)
         else:
-            missing = [column for column in names if column not in frame.columns]
-            if missing:
-                raise InvalidInput(
-                    f"{what} lack the model's feature(s) {', '.join(map(repr, missing))}",
-                    details={"missing": missing, "feature_names": names},
-                )
-            matrix = frame_matrix(frame, names, what)
-        prediction = self.serving.predict(entry, np.ascontiguousarray(matrix))
-        self.serving.metrics.record_prediction(name, "predictions", len(keys))
-        return render_predictions(
-            name, entry, keys, prediction, matrix if request.include_distances else None, request.sort
+            chunks = ordered_map(lambda item: rendered(lines, work.row_batch(item)), work.reader.batches())
+        return stream_lines(
+            chunks,
+            lines,
+            header=lines.header(k if request.include_distances else None),
+            what=f"predictions of endpoint {name!r} on {work.reader.what}",
+            request_id=request_id,
+            on_done=lambda rows: self.serving.metrics.record_prediction(name, "predictions", rows),
         )
+
+    def _sorted_chunks(
+        self, work: DatasetWork, lines: LineFormat, sort: str, rows_per_batch: int
+    ) -> Iterator[tuple[bytes, int]]:
+        """Rows in ``sort`` order: up to ``CENTROID_MAX_INVOCATION_ROWS`` rows sorted in memory (as the
+        JSON form does), more by an external sort (DuckDB over a spill file in the artifact store)."""
+        if work.reader.rows > self.settings.max_invocation_rows:
+            k = work.entry.model.k if work.include_distances else None
+            predicted = ordered_map(work.row_batch, work.reader.batches())
+            scratch = self.store.path(WORK_PREFIX)  # emptied of leftovers at start-up
+            scratch.mkdir(parents=True, exist_ok=True)
+            ordered = external_sort(predicted, sort, k, rows_per_batch, scratch)
+            return (rendered(lines, batch) for batch in ordered)
+
+        def in_memory() -> Iterator[tuple[bytes, int]]:
+            rows = work.all_rows()
+            order = sort_order(rows.keys.to_pylist(), rows.closest_cluster, rows.distance_to_cluster, sort)
+            for piece in slices(rows.take(order), rows_per_batch):
+                yield rendered(lines, piece)
+
+        return in_memory()
+
+    def _dataset_work(self, name: str, request: PredictionRequest, rows_per_batch: int | None = None) -> DatasetWork:
+        """The endpoint, and the dataset opened and checked for its model (and recipe, if raw)."""
+        entry = self.serving.entry(name)
+        dataset = DatasetRepository(self.session).get(request.dataset_id or "")
+        recipe = None
+        if request.raw:
+            recipe = entry.model.compiled_recipe
+            if recipe is None:
+                raise InvalidInput("this model has no preprocessing recipe (it was imported); send scaled rows")
+        names = list(entry.model.served.feature_names)
+        rows = rows_per_batch or batch_rows(self.settings.parquet_row_group_rows)
+        reader = DatasetReader(self.store, dataset, names, recipe=recipe, batch_rows=rows)
+        return DatasetWork(self.serving, entry, reader, request.include_distances)
+
+
+@dataclass(frozen=True)
+class DatasetWork:
+    """Predictions of one dataset on one endpoint: the checked reader and the per-batch work."""
+
+    serving: ServingService
+    entry: ServingEntry
+    reader: DatasetReader
+    include_distances: bool
+
+    def row_batch(self, item: RawBatch) -> RowBatch:
+        """One batch predicted (by the endpoint's backend), with every distance if asked for."""
+        features = self.reader.feature_batch(item)
+        prediction = self.serving.predict(self.entry, features.matrix)
+        every = (
+            euclidean_distances(features.matrix, self.entry.model.served.centroids) if self.include_distances else None
+        )
+        return RowBatch(features.keys, prediction.closest_cluster, prediction.distance_to_cluster, every)
+
+    def all_rows(self) -> RowBatch:
+        """Every row in one batch (for the JSON form and sorting, both bounded by the row cap)."""
+        return concat_rows(list(ordered_map(self.row_batch, self.reader.batches())))
 
 
 def model_deleted(model_id: str, while_: str) -> Conflict:

@@ -99,10 +99,11 @@ class ServingService:
         matrix = self.rows_matrix(entry, rows, request.raw)
         keys = row_keys(rows, entry.model.key_column)
         prediction = self.predict(entry, matrix)
+        if request.include_distances:
+            every = euclidean_distances(matrix, entry.model.served.centroids)
+            prediction = Prediction(prediction.closest_cluster, prediction.distance_to_cluster, every)
         self.metrics.record_prediction(name, "predictions", len(rows))
-        return render_predictions(
-            name, entry, keys, prediction, matrix if request.include_distances else None, request.sort
-        )
+        return render_predictions(name, entry, keys, prediction, request.sort)
 
     def rows_matrix(self, entry: ServingEntry, rows: Sequence[dict[str, Any]], raw: bool) -> np.ndarray:
         model = entry.model
@@ -154,22 +155,14 @@ def sort_order(keys: list[str], clusters: np.ndarray, distances: np.ndarray, sor
 
 
 def render_predictions(
-    name: str,
-    entry: ServingEntry,
-    keys: list[str],
-    prediction: Prediction,
-    distances_for: np.ndarray | None,
-    sort: str | None,
+    name: str, entry: ServingEntry, keys: list[str], prediction: Prediction, sort: str | None
 ) -> bytes:
-    """The PredictionResponse body, rendered with orjson (same fields, same order)."""
+    """The PredictionResponse body, rendered with orjson (same fields, same order); every row's
+    ``distances`` are ``prediction.distances`` (null when None)."""
     clusters = prediction.closest_cluster
     distances = prediction.distance_to_cluster
     order = sort_order(keys, clusters, distances, sort)
-    every = (
-        euclidean_distances(distances_for, entry.model.served.centroids)[order].tolist()
-        if distances_for is not None
-        else None
-    )
+    every = prediction.distances[order].tolist() if prediction.distances is not None else None
     cluster_list = clusters[order].tolist()
     distance_list = distances[order].tolist()
     rows = [

@@ -10,13 +10,20 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 from sqlalchemy.orm import Session
 
 from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
 from schemas.datasets import no_control_chars
-from schemas.models import Assignments, Centroids, Model, ModelListItem
+from schemas.models import (
+    STREAMED_ASSIGNMENT_CSV,
+    STREAMED_ASSIGNMENT_LINES,
+    Assignments,
+    Centroids,
+    Model,
+    ModelListItem,
+)
 from service.deps import AppState, app_state, db_session
 from service.errors import UnsupportedMediaType
 from service.http_cache import (
@@ -31,8 +38,10 @@ from service.http_cache import (
     openapi_not_modified,
     strong_etag,
 )
-from service.models.service import ModelService
+from service.models.service import ModelService, StreamedAssignments, batch_rows
 from service.request_bodies import read_upload
+from service.request_context import current_request_id
+from service.streaming import JSON, is_streamed, negotiate, streamed_content
 
 router = APIRouter(prefix="/models", tags=["models"])
 # The hot path, in a router the app includes before the others (routes are matched in order).
@@ -40,6 +49,10 @@ hot = APIRouter(prefix="/models", tags=["models"])
 
 
 def model_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> ModelService:
+    return _model_service(state, session)
+
+
+def _model_service(state: AppState, session: Session) -> ModelService:
     settings = state.settings
     return ModelService(
         session,
@@ -47,6 +60,7 @@ def model_service(session: Session = Depends(db_session), state: AppState = Depe
         max_model_bytes=settings.max_model_bytes,
         max_k=settings.max_k,
         max_centroid_values=settings.max_centroid_values,
+        rows_per_batch=batch_rows(settings.parquet_row_group_rows),
     )
 
 
@@ -74,7 +88,7 @@ def _rendered_assignments(
                 return hit
         model_id, dataset_id, cluster = key
         with contextmanager(db_session)(state) as session:
-            service = ModelService(session, state.store, max_model_bytes=state.settings.max_model_bytes)
+            service = _model_service(state, session)
             data = service.assignments_data(service.get(model_id), dataset_id, cluster)
         body = orjson.dumps(data)
         rendered = Rendered(content_etag(body), body, generation)
@@ -105,7 +119,28 @@ _QUERY_VALIDATORS: dict[str, TypeAdapter[Any]] = {
 }
 
 
+class StreamedRepresentation(Exception):
+    """The request asks for a streamed form of the assignments (JSON Lines, CSV): the cached JSON
+    body cannot answer it, so the fast lane hands it on to the route."""
+
+
+_JSON_ACCEPTS = frozenset({"", "*/*", JSON, "application/json, */*"})
+
+
 def assignments_query(request: Request) -> tuple[int | None, str | None]:
+    """``cluster`` and ``dataset_id`` for an answer in JSON (what the fast lane serves from the cache).
+
+    Raises :class:`StreamedRepresentation` when ``Accept`` asks for another form, and the errors of
+    :func:`assignments_params` for invalid parameters: either way the route then answers. The usual
+    ``Accept`` values (none, ``*/*``, ``application/json``) cost one header lookup.
+    """
+    accept = request.headers.get("accept", "")
+    if accept not in _JSON_ACCEPTS and negotiate(accept) != JSON:
+        raise StreamedRepresentation(accept)
+    return assignments_params(request)
+
+
+def assignments_params(request: Request) -> tuple[int | None, str | None]:
     """``cluster`` and ``dataset_id``, validated as FastAPI would (422 with the same details).
 
     Parsed here rather than declared as ``Query`` parameters: on this hot path FastAPI's
@@ -130,20 +165,58 @@ def assignments_query(request: Request) -> tuple[int | None, str | None]:
     return values.get("cluster"), values.get("dataset_id") or None
 
 
+def _assignments_stream(
+    state: AppState, model_id: str, dataset_id: str | None, cluster: int | None, answer: str, request_id: str | None
+) -> StreamedAssignments:
+    """Check everything checkable (in a worker thread) and hand back the lines to stream; the
+    database session is closed before the first line is computed."""
+    with contextmanager(db_session)(state) as session:
+        service = _model_service(state, session)
+        return service.assignments_stream(service.get(model_id), dataset_id, cluster, answer, request_id)
+
+
+_ASSIGNMENTS_STREAMED = streamed_content(
+    STREAMED_ASSIGNMENT_LINES,
+    STREAMED_ASSIGNMENT_CSV,
+    "One `Assignment` object per line; a failure after the first line ends the stream with one "
+    '`{"error": {...}}` line.',
+)
+
+
 # The hot path is registered first: routes are matched in registration order.
 @hot.get(
     "/{model_id}/assignments",
     response_model=Assignments,
     summary="Key → cluster map of the training dataset (or another dataset)",
-    responses={**_cacheable(), **error_responses(400, 404, 422)},
+    responses={
+        **_cacheable(
+            {
+                "description": "JSON (default), or JSON Lines or CSV per `Accept`, streamed, any size.",
+                "content": _ASSIGNMENTS_STREAMED,
+            }
+        ),
+        **error_responses(400, 404, 406, 422),
+    },
     openapi_extra={"parameters": _ASSIGNMENTS_QUERY},
 )
 async def get_assignments(model_id: str, request: Request) -> Any:
     """Computed once per model, dataset and cluster filter, then answered from memory (no database)
     until the model or the dataset is deleted. Answered with an `ETag` (of the exact bytes) and
-    `Cache-Control`; `If-None-Match` gives 304."""
-    cluster, dataset_id = assignments_query(request)
+    `Cache-Control`; `If-None-Match` gives 304.
+
+    **Streaming.** With `Accept: application/jsonlines` (or `application/x-jsonlines`,
+    `application/x-ndjson`, `application/jsonl`) or `Accept: text/csv`, every row comes back as one
+    line `{"key": ..., "closest_cluster": ..., "distance_to_cluster": ...}` (CSV: a header row
+    `key,closest_cluster,distance_to_cluster`, then one row per line), computed while it is sent:
+    any number of rows, memory independent of them, nothing cached. `cluster` filters the lines.
+    The per-cluster `counts` are only in the JSON form (for the training dataset, the model's
+    `cluster_sizes` hold them too). An error found after the first line ends the stream with a line
+    `{"error": {...}}` (CSV: `#error ` and that JSON). Streamed bodies carry an `ETag` too."""
+    cluster, dataset_id = assignments_params(request)
+    answer = negotiate(request.headers.get("accept"))
     state: AppState = request.app.state.centroid
+    if is_streamed(answer):
+        return await _streamed_assignments(request, state, model_id, dataset_id, cluster, answer)
     cache = rendered_cache(request)
     key = (model_id, dataset_id, cluster)
     generation = state.catalog.generation
@@ -153,6 +226,23 @@ async def get_assignments(model_id: str, request: Request) -> Any:
     if etag_matches(if_none_match(request.headers), rendered.etag):
         return not_modified(rendered.etag)
     return rendered.response()
+
+
+async def _streamed_assignments(
+    request: Request, state: AppState, model_id: str, dataset_id: str | None, cluster: int | None, answer: str
+) -> Response:
+    streamed = await run_in_threadpool(
+        _assignments_stream, state, model_id, dataset_id, cluster, answer, current_request_id()
+    )
+    # Models and datasets are immutable and the rendering deterministic: these identify the bytes.
+    etag = strong_etag(
+        streamed.model_id, streamed.artifact_sha256, streamed.dataset_id, str(cluster), answer, "assignments-lines"
+    )
+    if etag_matches(if_none_match(request.headers), etag):
+        streamed.body.close()
+        return not_modified(etag)
+    # The JSON form is at the same URL: caches must key on Accept.
+    return StreamingResponse(streamed.body, media_type=answer, headers={**cache_headers(etag), "Vary": "Accept"})
 
 
 class ImportForm(BaseModel):
