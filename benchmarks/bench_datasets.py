@@ -681,7 +681,8 @@ def run_baseline(code: str, *args: str) -> Baseline:
 
 
 def duckdb_derive_sql(main: str, extra: str, out: Path) -> str:
-    """join on id -> minmax of DERIVE_COLUMNS to [-1, 1] -> select them, in one COPY."""
+    """join on id -> minmax of DERIVE_COLUMNS to [-1, 1] -> select them, in one COPY, rows in the
+    left side's order (DuckDB's defaults otherwise: all threads, 80% of RAM)."""
     left = [f"a.{c}" for c in FEATURES[:10]]
     right = [f"b.{c}" for c in EXTRA]
     bounds = ", ".join(f"min({c}) AS lo_{c}, max({c}) AS hi_{c}" for c in DERIVE_COLUMNS)
@@ -689,11 +690,12 @@ def duckdb_derive_sql(main: str, extra: str, out: Path) -> str:
         f"CASE WHEN m.hi_{c} > m.lo_{c} THEN -1 + 2 * (j.{c} - m.lo_{c}) / (m.hi_{c} - m.lo_{c}) ELSE 0 END AS {c}"
         for c in DERIVE_COLUMNS
     )
+    # The same result as the service's: the left side's row order kept (ORDER BY its row number).
     return (
-        f"COPY (WITH j AS (SELECT a.{KEY}, {', '.join(left + right)} "
-        f"FROM read_parquet('{main}') a JOIN read_parquet('{extra}') b ON a.{KEY} = b.{KEY}), "
+        f"COPY (WITH j AS (SELECT a.file_row_number AS rn, a.{KEY}, {', '.join(left + right)} "
+        f"FROM read_parquet('{main}', file_row_number=true) a JOIN read_parquet('{extra}') b ON a.{KEY} = b.{KEY}), "
         f"m AS (SELECT {bounds} FROM j) "
-        f"SELECT j.{KEY}, {scaled} FROM j CROSS JOIN m) TO '{out}' (FORMAT parquet)"
+        f"SELECT j.{KEY}, {scaled} FROM j CROSS JOIN m ORDER BY j.rn) TO '{out}' (FORMAT parquet)"
     )
 
 
