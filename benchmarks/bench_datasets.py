@@ -76,6 +76,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from bench_serving import stop_group  # this script's directory is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 CENTROID_BIN = Path(sys.executable).parent / "centroid"
@@ -456,19 +457,6 @@ def centroid_server(work_dir: Path, source: Path | None) -> Iterator[tuple[str, 
         yield url, process, data_dir
     finally:
         stop_group(process)
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def log_tail(path: Path, chars: int = 2000) -> str:

@@ -71,7 +71,13 @@ import pyarrow.parquet as pq
 
 from schemas.datasets import DeriveStep, DropNaStep, DropStep, FillNaStep, JoinStep, RenameStep, ScaleStep, SelectStep
 from service.datasets.parsing import NUMBER_PATTERN, check_column_names, parse_number
-from service.datasets.transforms import FittedStep, _describe_integer, _fits_a_float
+from service.datasets.transforms import (
+    FittedStep,
+    _describe_integer,
+    _fits_a_float,
+    minmax_params,
+    standard_params,
+)
 from service.errors import InvalidInput
 
 NO_ROWS_OR_COLUMNS = "the steps leave no rows or no columns"
@@ -585,21 +591,9 @@ def _fit_scale(engine: _Engine, table: _Table, step: ScaleStep) -> dict[str, dic
         if stats[name][0] == 0:
             raise InvalidInput(f"scale: column {name!r} has no values", details={"column": name})
         if minmax:
-            low, high = float(stats[name][1]), float(stats[name][2])
-            if low == high:
-                raise InvalidInput(
-                    f"scale: column {name!r} is constant ({low}); min-max scaling would divide by zero",
-                    details={"column": name, "value": low},
-                )
-            params[name] = {"min": low, "max": high}
+            params[name] = minmax_params(name, float(stats[name][1]), float(stats[name][2]))
         else:
-            mean, std = moments[name]
-            if std == 0.0:
-                raise InvalidInput(
-                    f"scale: column {name!r} is constant; its standard deviation is zero",
-                    details={"column": name, "value": mean},
-                )
-            params[name] = {"mean": mean, "std": std}
+            params[name] = standard_params(name, *moments[name])
     return params
 
 

@@ -150,22 +150,30 @@ def fit_scale(table: Table, step: ScaleStep) -> dict[str, dict[str, float]]:
         if values.size == 0:
             raise InvalidInput(f"scale: column {name!r} has no values", details={"column": name})
         if step.method == "minmax":
-            low, high = float(values.min()), float(values.max())
-            if low == high:
-                raise InvalidInput(
-                    f"scale: column {name!r} is constant ({low}); min-max scaling would divide by zero",
-                    details={"column": name, "value": low},
-                )
-            params[name] = {"min": low, "max": high}
+            params[name] = minmax_params(name, float(values.min()), float(values.max()))
         else:
-            mean, std = float(values.mean()), float(values.std(ddof=0))
-            if std == 0.0:
-                raise InvalidInput(
-                    f"scale: column {name!r} is constant; its standard deviation is zero",
-                    details={"column": name, "value": mean},
-                )
-            params[name] = {"mean": mean, "std": std}
+            params[name] = standard_params(name, float(values.mean()), float(values.std(ddof=0)))
     return params
+
+
+def minmax_params(name: str, low: float, high: float) -> dict[str, float]:
+    """A column's fitted min-max parameters; a constant column is refused (it would divide by zero)."""
+    if low == high:
+        raise InvalidInput(
+            f"scale: column {name!r} is constant ({low}); min-max scaling would divide by zero",
+            details={"column": name, "value": low},
+        )
+    return {"min": low, "max": high}
+
+
+def standard_params(name: str, mean: float, std: float) -> dict[str, float]:
+    """A column's fitted standard-scaling parameters; a zero standard deviation is refused."""
+    if std == 0.0:
+        raise InvalidInput(
+            f"scale: column {name!r} is constant; its standard deviation is zero",
+            details={"column": name, "value": mean},
+        )
+    return {"mean": mean, "std": std}
 
 
 def scale_values(
