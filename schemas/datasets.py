@@ -239,3 +239,88 @@ class DeriveRequest(BaseModel):
     steps: list[DeriveStep] = Field(min_length=1, max_length=100, description="Steps applied in order.")
 
     _check_name = field_validator("name")(_no_control_chars)
+
+
+DatasetTaskStatus = Literal["Pending", "InProgress", "Completed", "Failed"]
+
+
+class DatasetTaskProgress(BaseModel):
+    """How far a task is; written by the worker about once a second while it runs."""
+
+    stage: str = Field(
+        description="What the task is doing: `queued`, `parsing` (an upload), `step 2 of 3: scale` (a derive), "
+        "`writing`, `checking the result`, `done`.",
+        examples=["writing"],
+    )
+    stage_index: int = Field(description="1-based number of the current stage (0 while queued).", examples=[4])
+    stages: int = Field(description="Stages the task goes through (a derive: its steps + 2; an upload: 2).")
+    done: int = Field(description="Units of the current stage finished (see `unit`).", examples=[4_000_000])
+    total: int | None = Field(description="Units the current stage has in all, when known.", examples=[10_000_000])
+    unit: Literal["rows", "bytes"] = Field(description="What `done` and `total` count.", examples=["rows"])
+    rows_written: int = Field(description="Rows of the new dataset written so far.", examples=[4_000_000])
+    percent: float = Field(
+        description="An estimate over all stages (each stage an equal share; a stage that is one long database "
+        "statement follows that statement's own progress). Never decreases; 100 only once Completed.",
+        examples=[72.5],
+    )
+
+
+class DatasetTaskError(BaseModel):
+    code: str = Field(
+        description="The error code a synchronous request would have answered.", examples=["invalid_input"]
+    )
+    message: str = Field(examples=["step 1 (scale): column 'State' is not numeric"])
+    details: Any = Field(default=None, description="Structured context, as in the synchronous error body.")
+
+
+class DatasetTask(BaseModel):
+    """An upload or derive run in the background (asked for with `Prefer: respond-async`).
+
+    Run by a worker under a lease, like a training job: if the worker dies, another one runs the task
+    again from the start (the new dataset is committed once, with the task's completion)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "dt-5c0f4e1a2b3c4d5e6f70",
+                    "kind": "derive",
+                    "name": "workshop-features",
+                    "status": "InProgress",
+                    "parent_id": "ds-0a1b2c3d4e5f60718293",
+                    "progress": {
+                        "stage": "writing",
+                        "stage_index": 3,
+                        "stages": 4,
+                        "done": 4000000,
+                        "total": 10000000,
+                        "unit": "rows",
+                        "rows_written": 4000000,
+                        "percent": 60.0,
+                    },
+                    "dataset_id": None,
+                    "error": None,
+                    "attempts": 1,
+                    "created_at": "2026-12-03T10:00:00Z",
+                    "started_at": "2026-12-03T10:00:01Z",
+                    "ended_at": None,
+                }
+            ]
+        }
+    )
+
+    id: str = Field(description="The task's id (`dt-...`); `GET /dataset-tasks/{id}` follows it.")
+    kind: Literal["upload", "derive"] = Field(description="A CSV upload's parsing, or a derive.")
+    name: str = Field(description="The name the new dataset will have.")
+    status: DatasetTaskStatus = Field(
+        description="`Pending` (waiting for a worker), `InProgress`, `Completed` (`dataset_id` is set) or "
+        "`Failed` (`error` says why, as the synchronous request would have)."
+    )
+    parent_id: str | None = Field(description="A derive's input dataset (null for an upload).")
+    progress: DatasetTaskProgress
+    dataset_id: str | None = Field(description="The new dataset, once Completed.")
+    error: DatasetTaskError | None = Field(description="Why the task failed, once Failed.")
+    attempts: int = Field(description="How many times a worker started this task (>1 after a crash).")
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None

@@ -130,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(endpoints_router.router)
     app.include_router(models_router.router)
     app.include_router(datasets_router.router)
+    app.include_router(datasets_router.tasks_router)
     app.include_router(jobs_router.router)
     app.include_router(backends_router.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]

@@ -13,9 +13,10 @@ A worker holds no state the database does not also hold, so it can be killed at 
   of a second wherever it is (streaming, reduction, evaluation).
 * SIGTERM (``request_shutdown``) makes a running training stop the same way; the job is then
   released back to Pending for another worker, not marked Stopped.
-* :meth:`Worker.run` runs two loops: training jobs in the calling thread, endpoint transitions in
-  a thread of their own, so an endpoint comes into service (or is deleted) while a long training
-  runs. Both are woken by the same announcements; each claims under its own lease.
+* :meth:`Worker.run` runs three loops: training jobs in the calling thread, endpoint transitions
+  and dataset tasks (background uploads and derives, :mod:`workers.dataset_tasks`) in threads of
+  their own, so an endpoint comes into service (or a derive runs) while a long training runs. All
+  are woken by the same announcements; each claims under its own lease.
 * every worker heartbeats its row in ``workers``; rows whose heartbeat is older than
   ``resolved_worker_expiry_seconds`` (workers that died without unregistering) are deleted by the
   live ones.
@@ -60,6 +61,7 @@ from service.jobs.repository import FINAL_STATUSES, JobRepository
 from service.jobs.service import transition
 from service.models.repository import ModelRepository
 from service.models.service import ModelService, served_model
+from workers.dataset_tasks import DatasetTaskDriver
 
 log = logging.getLogger("centroid.worker")
 MAX_ATTEMPTS = 3
@@ -127,6 +129,9 @@ class Worker:
         self.wakeup = _Wakeup()
         self._endpoint_wakeup = threading.Event()
         self.wakeup.attach(self._endpoint_wakeup)
+        self._task_wakeup = threading.Event()
+        self.wakeup.attach(self._task_wakeup)
+        self.dataset_tasks = DatasetTaskDriver(state, self.id, self._heartbeat_worker)
         local_wakeups.register(self.wakeup)
         self._listener = WorkListener(self.db, self.wakeup)
         self._current_job: str | None = None
@@ -146,12 +151,23 @@ class Worker:
             daemon=True,
         )
         endpoints.start()
+        tasks = threading.Thread(
+            target=self._loop,
+            args=(self._task_step, self._task_wakeup, "dataset tasks"),
+            name=f"centroid-dataset-tasks-{self.id}",
+            daemon=True,
+        )
+        tasks.start()
         try:
             self._loop(self._job_step, self.wakeup, "jobs")
         finally:
             self.stopping.set()
             self._endpoint_wakeup.set()
+            self._task_wakeup.set()
             endpoints.join()
+            # a running upload or derive is not interrupted: it finishes, or (the process ending
+            # first) its lease runs out and another worker runs it again
+            tasks.join()
             self._listener.stop()
             local_wakeups.unregister(self.wakeup)
             self._unregister()
@@ -192,12 +208,18 @@ class Worker:
         self._heartbeat_worker()
         return self._next_endpoint()
 
+    def _task_step(self) -> bool:
+        self._heartbeat_worker()
+        return self.dataset_tasks.step()
+
     def run_once(self) -> bool:
-        """Handle at most one job and one endpoint, in this thread; True if there was anything to do."""
+        """Handle at most one job, one endpoint and one dataset task, in this thread; True if there
+        was anything to do."""
         self._heartbeat_worker()
         did_job = self._next_job()
         did_endpoint = self._next_endpoint()
-        return did_job or did_endpoint
+        did_task = self.dataset_tasks.step()
+        return did_job or did_endpoint or did_task
 
     @property
     def _backend_names(self) -> list[str]:

@@ -71,6 +71,7 @@ import pyarrow.parquet as pq
 
 from schemas.datasets import DeriveStep, DropNaStep, DropStep, FillNaStep, JoinStep, RenameStep, ScaleStep, SelectStep
 from service.datasets.parsing import NUMBER_PATTERN, check_column_names, parse_number
+from service.datasets.progress import Progress, duckdb_fraction
 from service.datasets.transforms import (
     FittedStep,
     _describe_integer,
@@ -123,17 +124,24 @@ def derive_parquet(
     row_group_rows: int,
     memory_limit: str = "256MB",
     temp_directory: Path,
+    progress: Progress | None = None,
 ) -> DeriveResult:
     """Apply ``steps`` to ``parent`` and write the result to ``out_path`` (removed on failure).
 
     ``inputs`` maps dataset ids to their files for ``join`` steps. Raises exactly what
-    ``apply_steps`` and then ``ensure_unique_key`` raise on the same tables.
+    ``apply_steps`` and then ``ensure_unique_key`` raise on the same tables. ``progress``, when
+    given, is told each stage (one per step, then writing, then the key check) and, while a
+    DuckDB statement runs, follows that statement's own progress.
     """
+    progress = progress or Progress()
+    progress.plan(len(steps) + 2)
     try:
         with _Engine(memory_limit, temp_directory) as engine:
             table = engine.scan(parent)
             fitted: list[FittedStep] = []
             for index, step in enumerate(steps):
+                progress.stage(f"step {index + 1} of {len(steps)}: {step.op}")
+                progress.live(duckdb_fraction(engine.connection))
                 try:
                     table, record = _apply(engine, table, step, inputs)
                 except InvalidInput as exc:
@@ -142,8 +150,10 @@ def derive_parquet(
                 fitted.append(record)
                 if table.joins:  # once, with what later steps read or keep
                     table = engine.materialise(table, keep=_live_refs(table, steps[index + 1 :], inputs))
-            row_count = _write(engine, table, out_path, row_group_rows)
+            row_count = _write(engine, table, out_path, row_group_rows, progress)
+            progress.stage("checking the result")
             if table.key_column is not None and not table.key_unique:
+                progress.live(duckdb_fraction(engine.connection))
                 _check_key(engine, engine.scan_file(out_path), table.key_column)
     except BaseException:
         out_path.unlink(missing_ok=True)
@@ -243,6 +253,8 @@ class _Engine:
             temp_directory.mkdir(parents=True, exist_ok=True)
             config["temp_directory"] = str(temp_directory)
         self.connection = duckdb.connect(config=config)
+        # Statement progress tracked for Progress (duckdb_fraction), never printed.
+        self.connection.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false")
         self._names = count()
 
     def __enter__(self) -> _Engine:
@@ -787,7 +799,7 @@ def _shape_step(table: _Table, record: FittedStep) -> _Table:
 # --- the result ----------------------------------------------------------------------------------
 
 
-def _write(engine: _Engine, table: _Table, out_path: Path, row_group_rows: int) -> int:
+def _write(engine: _Engine, table: _Table, out_path: Path, row_group_rows: int, progress: Progress) -> int:
     """Stream the table into ``out_path`` in row groups of ``row_group_rows``; its row count.
 
     Refuses an empty result like ``apply_steps`` (only after writing it: the count is known then).
@@ -797,6 +809,9 @@ def _write(engine: _Engine, table: _Table, out_path: Path, row_group_rows: int) 
         raise InvalidInput(NO_ROWS_OR_COLUMNS, details={"shape": [rows, 0]})
     table = engine.materialise(table)  # no-op: derive_parquet wrote joins out
     assert all(column.stored for column in table.columns), "a column of the result was not kept"
+    # The rows to come: free for a scan (Parquet metadata), one pass over the filtered columns else.
+    (expected,) = engine.one(f"SELECT count(*) FROM ({table.sql}) AS t")
+    progress.stage("writing", total=int(expected))
     schema = pandas_schema([{"name": c.name, "dtype": c.dtype} for c in table.columns])
     rows = 0
     # pandas' defaults (snappy, dictionaries) except no dictionary for numbers: on distinct floats it
@@ -814,6 +829,8 @@ def _write(engine: _Engine, table: _Table, out_path: Path, row_group_rows: int) 
                 writing.result()
             writing = background.submit(writer.write_table, group, row_group_rows)
             rows += group.num_rows
+            progress.advance(rows)
+            progress.rows_written(rows)
         if writing is not None:
             writing.result()
     if rows == 0:

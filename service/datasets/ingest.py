@@ -36,7 +36,7 @@ import csv
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 
 from service.datasets.columnar import pandas_schema
 from service.datasets.parsing import NUMBER_PATTERN, check_column_names
+from service.datasets.progress import Progress
 from service.errors import InvalidInput, storage_error
 
 # Python's str.strip() removes exactly the characters for which str.isspace() is true.
@@ -516,7 +517,7 @@ class SummaryBuilder:
                 if column["dtype"] == "string":
                     entry["min"], entry["max"] = _text(low), _text(high)
                 else:
-                    entry["min"], entry["max"] = float(low), float(high)
+                    entry["min"], entry["max"] = float(low), float(high)  # type: ignore[arg-type]
                     entry["mean"] = moments.mean
                     if count > 1:
                         entry["std"] = math.sqrt(moments.m2 / (count - 1))
@@ -723,7 +724,8 @@ def arrow_pieces(
     block_bytes: int = 0,
     quoted: bool = True,
     streaming: bool = False,
-) -> Iterator[list[pa.Array]]:
+    progress: Progress | None = None,
+) -> Generator[list[pa.Array], None, None]:
     """The file parsed by pyarrow. Without ``plans`` every column is read as text; with them, the
     columns they say are converted to ``float64`` by the reader itself.
 
@@ -746,7 +748,11 @@ def arrow_pieces(
                 raise _NeedExactTokenizer("the file may end inside a quoted field")
             return
         first = True
+        consumed = 0
         for piece, final in _pieces(path, max(PIECE_BYTES, 2 * block_bytes)):
+            consumed += len(piece)
+            if progress is not None:
+                progress.advance(consumed)
             read, parse, convert = _arrow_options(header, delimiter, plans, block_bytes, skip_header=first)
             table = pcsv.read_csv(pa.BufferReader(pa.py_buffer(piece)), read, parse, convert)
             if quoted and table.num_rows:
@@ -829,13 +835,18 @@ def ingest_csv(
     key_column: str | None,
     max_columns: int,
     row_group_rows: int,
+    progress: Progress | None = None,
 ) -> IngestResult:
     """Type the spooled CSV at ``path`` and write it to ``out_path`` as Parquet (see module docs).
+
+    ``progress``, when given, follows the bytes parsed (the fast reader's pieces) and rows written.
 
     Raises :class:`InvalidInput` with the original parser's messages; ``out_path`` may be left
     half-written on error (the caller's staged file discards it).
     """
     check_spool(facts)
+    progress = progress or Progress()
+    progress.stage("parsing", total=facts.size, unit="bytes")
     header = read_header(path, delimiter, max_columns)
     check_key_column(header, key_column)
     # pandas skips a line of blanks, which in a one-column file the fast reader would take for a row
@@ -858,8 +869,10 @@ def ingest_csv(
                     if first is None:
                         raise InvalidInput("the file has a header but no data rows")
                     plans = assume_plans(header, key_column, first)
-                pieces = arrow_pieces(path, header, delimiter, plans, block_bytes, facts.has_quote, streaming)
-            return _one_pass(pieces, header, key_column, plans, out_path, row_group_rows)
+                pieces = arrow_pieces(
+                    path, header, delimiter, plans, block_bytes, facts.has_quote, streaming, progress
+                )
+            return _one_pass(pieces, header, key_column, plans, out_path, row_group_rows, progress)
         except _PassRestart as again:
             plans = again.plans
             restarts[again.position] += 1
@@ -888,6 +901,7 @@ def _one_pass(
     plans: list[ColumnPlan],
     out_path: Path,
     row_group_rows: int,
+    progress: Progress,
 ) -> IngestResult:
     writer: RowGroupWriter | None = None
     typer: ChunkTyper | None = None
@@ -915,6 +929,7 @@ def _one_pass(
             assert writer is not None
             writer.add(typed)
             offset += len(arrays[0]) if arrays else 0
+            progress.rows_written(offset)
     except _Restart as restart:  # raised by the reader (a conversion the fast reader refused)
         weakened = [ColumnPlan(p.name, p.kind, p.read_double) for p in plans]
         weakened[restart.position].read_double = False

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.orm import Session
 
@@ -17,12 +17,15 @@ from schemas.datasets import (
     DatasetDetail,
     DatasetListItem,
     DatasetRows,
+    DatasetTask,
+    DatasetTaskStatus,
     DeriveRequest,
     no_control_chars,
 )
 from service.datasets.parsing import DELIMITERS
-from service.datasets.service import DatasetService
-from service.datasets.transforms import RecipeLimits
+from service.datasets.service import DatasetService, build_dataset_service
+from service.datasets.task_repository import DatasetTaskRepository
+from service.db.tables import DatasetTaskTable
 from service.deps import AppState, app_state, db_session
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.jobs.repository import JobRepository
@@ -30,6 +33,7 @@ from service.models.repository import ModelRepository
 from service.request_bodies import parse_json, spool_body, spool_multipart, validate
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
+tasks_router = APIRouter(prefix="/dataset-tasks", tags=["datasets"])
 
 
 class CSVResponse(StreamingResponse):
@@ -106,8 +110,48 @@ _CREATE_BODY: dict[str, Any] = {
             "description": "With a `text/csv` body only: the field delimiter.",
             "schema": {"type": "string", "enum": sorted(DELIMITERS), "default": ","},
         },
+        {
+            "name": "Prefer",
+            "in": "header",
+            "required": False,
+            "description": "`respond-async` (CSV uploads): answer 202 with a dataset task as soon as the file is "
+            "received and checked (its bytes, header and key column), and parse it in the background.",
+            "schema": {"type": "string", "example": "respond-async"},
+        },
     ],
 }
+
+PREFER_DESCRIPTION = (
+    "`respond-async`: answer 202 at once with a dataset task (`Location: /dataset-tasks/{id}`) that a worker "
+    "runs in the background, with progress; without it the request answers when the dataset is made."
+)
+_ASYNC_RESPONSE: dict[int | str, dict[str, Any]] = {
+    202: {
+        "model": DatasetTask,
+        "description": "Accepted (with `Prefer: respond-async`): the task that will make the dataset; follow "
+        "`Location`. Its errors are the synchronous request's, in the task's `error`.",
+        "headers": {
+            "Location": {"description": "`/dataset-tasks/{id}`", "schema": {"type": "string"}},
+            "Preference-Applied": {"description": "`respond-async`", "schema": {"type": "string"}},
+        },
+    }
+}
+
+
+def wants_async(prefer: str | None) -> bool:
+    """RFC 7240: ``Prefer: respond-async`` (among other preferences, any case)."""
+    if not prefer:
+        return False
+    return any(part.split(";")[0].strip().lower() == "respond-async" for part in prefer.split(","))
+
+
+def accepted(task: DatasetTaskTable) -> JSONResponse:
+    body = task_view(task)
+    return JSONResponse(
+        body.model_dump(mode="json"),
+        status_code=status.HTTP_202_ACCEPTED,
+        headers={"Location": f"/dataset-tasks/{task.id}", "Preference-Applied": "respond-async"},
+    )
 
 
 def _used_by_jobs(session: Session, dataset_id: str) -> list[str]:
@@ -118,20 +162,13 @@ def _used_by_models(session: Session, dataset_id: str) -> list[str]:
     return [f"model {model_id!r}" for model_id in ModelRepository(session).using_dataset(dataset_id)]
 
 
+def _used_by_tasks(session: Session, dataset_id: str) -> list[str]:
+    return [f"dataset task {task_id!r}" for task_id in DatasetTaskRepository(session).active_using(dataset_id)]
+
+
 def dataset_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> DatasetService:
-    return DatasetService(
-        session,
-        state.store,
-        max_columns=state.settings.max_columns,
-        row_group_rows=state.settings.parquet_row_group_rows,
-        columnar_memory_mb=state.settings.derive_memory_mb,
-        usage_checks=(_used_by_jobs, _used_by_models),
-        recipe_limits=RecipeLimits(
-            max_depth=state.settings.max_recipe_depth,
-            max_datasets=state.settings.max_recipe_datasets,
-            max_steps=state.settings.max_recipe_steps,
-            max_bytes=state.settings.max_recipe_bytes,
-        ),
+    return build_dataset_service(
+        session, state.settings, state.store, usage_checks=(_used_by_jobs, _used_by_models, _used_by_tasks)
     )
 
 
@@ -143,7 +180,7 @@ Service = Annotated[DatasetService, Depends(dataset_service)]
     status_code=status.HTTP_201_CREATED,
     response_model=Dataset,
     summary="Create a dataset from a CSV upload or JSON rows",
-    responses=error_responses(400, 413, 415, 422, 503, 507),
+    responses={**error_responses(400, 413, 415, 422, 503, 507), **_ASYNC_RESPONSE},
     openapi_extra=_CREATE_BODY,
 )
 async def create_dataset(request: Request, service: Service) -> Any:
@@ -155,7 +192,11 @@ async def create_dataset(request: Request, service: Service) -> Any:
     A CSV upload is streamed to disk as it arrives and parsed column-wise from there, so its size is
     bounded by `CENTROID_MAX_CSV_UPLOAD_BYTES` (default 10 GiB) and the free disk (507 at once when
     the disk cannot hold twice the declared size), not by memory. JSON bodies keep the smaller
-    `CENTROID_MAX_UPLOAD_BYTES`."""
+    `CENTROID_MAX_UPLOAD_BYTES`.
+
+    With `Prefer: respond-async` a CSV upload is answered 202 once the file is received and its
+    bytes, header and key column checked; a worker parses it (`GET /dataset-tasks/{id}` shows the
+    progress). A JSON body is always answered when the dataset is made."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         return await _create_from_upload(request, service)
@@ -184,6 +225,7 @@ async def _create_from_upload(request: Request, service: DatasetService, query: 
     """Stream the CSV (a multipart ``file`` part, or the whole ``text/csv`` body) to a temp file in
     the artifact directory, then parse it from there on a worker thread; the temp file is removed
     whatever happens."""
+    background = wants_async(request.headers.get("prefer"))
     declared = request.headers.get("content-length", "")
     if declared.isdigit():
         service.check_free_space(int(declared))
@@ -197,6 +239,17 @@ async def _create_from_upload(request: Request, service: DatasetService, query: 
             await spool_body(request, spool)
             fields, filename = query, None
         facts = await run_in_threadpool(spool.close)
+        if background:
+            task = await run_in_threadpool(
+                service.submit_upload,
+                fields.name,
+                spool.path,
+                facts,
+                key_column=fields.key_column,
+                filename=filename,
+                delimiter=fields.delimiter,
+            )
+            return accepted(task)
         return await run_in_threadpool(
             service.create_from_csv,
             fields.name,
@@ -298,11 +351,22 @@ def download_csv(
     status_code=status.HTTP_201_CREATED,
     response_model=Dataset,
     summary="Derive a new dataset by joining, scaling, selecting, renaming, filling",
-    responses=error_responses(400, 404, 422, 503, 507),
+    responses={**error_responses(400, 404, 422, 503, 507), **_ASYNC_RESPONSE},
 )
-def derive_dataset(dataset_id: str, request: DeriveRequest, service: Service) -> Any:
+def derive_dataset(
+    dataset_id: str,
+    request: DeriveRequest,
+    service: Service,
+    prefer: Annotated[str | None, Header(description=PREFER_DESCRIPTION)] = None,
+) -> Any:
     """Apply `steps` in order to dataset `dataset_id`; the result is a new dataset whose recipe
-    records every step with its fitted parameters."""
+    records every step with its fitted parameters.
+
+    A derive of millions of rows takes seconds to minutes: with `Prefer: respond-async` it runs in
+    the background (404 and the recipe's ceilings are still answered at once; a step's refusal
+    becomes the task's `error`), and `GET /dataset-tasks/{id}` shows its stage and progress."""
+    if wants_async(prefer):
+        return accepted(service.submit_derive(dataset_id, request))
     return service.derive(dataset_id, request)
 
 
@@ -317,3 +381,60 @@ def delete_dataset(dataset_id: str, service: Service) -> Response:
     """Refused with 409 while a training job or model still uses it."""
     service.delete(dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def task_view(task: DatasetTaskTable) -> DatasetTask:
+    done = task.status == "Completed"
+    return DatasetTask.model_validate(
+        {
+            "id": task.id,
+            "kind": task.kind,
+            "name": task.name,
+            "status": task.status,
+            "parent_id": task.parent_id,
+            "progress": task.progress,
+            "dataset_id": task.dataset_id if done else None,
+            "error": task.error,
+            "attempts": task.attempts,
+            "created_at": task.created_at,
+            "started_at": task.started_at,
+            "ended_at": task.ended_at,
+        }
+    )
+
+
+def task_repository(session: Session = Depends(db_session)) -> DatasetTaskRepository:
+    return DatasetTaskRepository(session)
+
+
+Tasks = Annotated[DatasetTaskRepository, Depends(task_repository)]
+
+
+@tasks_router.get(
+    "",
+    response_model=Page[DatasetTask],
+    summary="List background uploads and derives, newest first",
+    responses=error_responses(422),
+)
+def list_tasks(
+    tasks: Tasks,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 50,
+    status_filter: Annotated[
+        DatasetTaskStatus | None, Query(alias="status", description="Only tasks with this status.")
+    ] = None,
+) -> Any:
+    rows, total = tasks.page(offset, limit, status_filter)
+    return Page[DatasetTask](items=[task_view(r) for r in rows], total=total, offset=offset, limit=limit)
+
+
+@tasks_router.get(
+    "/{task_id}",
+    response_model=DatasetTask,
+    summary="A background upload or derive: status, progress, result",
+    responses=error_responses(404, 422),
+)
+def get_task(task_id: str, tasks: Tasks) -> Any:
+    """Poll until `status` is `Completed` (then `dataset_id` names the new dataset) or `Failed`
+    (`error` holds what the synchronous request would have answered)."""
+    return task_view(tasks.get(task_id))

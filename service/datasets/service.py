@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -20,9 +22,19 @@ from sqlalchemy.orm import Session
 
 from schemas.datasets import DatasetCreate, DeriveRequest, JoinStep
 from service.datasets.columnar import ParquetInput, check_key_parquet, derive_parquet
-from service.datasets.ingest import CsvSpool, SpoolFacts, ingest_csv, summarise_parquet
+from service.datasets.ingest import (
+    CsvSpool,
+    SpoolFacts,
+    check_key_column,
+    check_spool,
+    ingest_csv,
+    read_header,
+    summarise_parquet,
+)
 from service.datasets.parsing import NUMBER_PATTERN, frame_from_rows, type_columns
+from service.datasets.progress import Progress
 from service.datasets.repository import DatasetRepository
+from service.datasets.task_repository import PENDING, UPLOADS_PREFIX, DatasetTaskRepository, upload_key
 from service.datasets.transforms import (
     Recipe,
     RecipeLimits,
@@ -34,10 +46,11 @@ from service.datasets.transforms import (
     recipe_size,
     recipe_summary,
 )
-from service.db.changes import bump_serving
-from service.db.tables import DatasetTable
+from service.db.changes import announce_work, bump_serving, work_committed
+from service.db.tables import DatasetTable, DatasetTaskTable
 from service.errors import Conflict, InsufficientStorage, InvalidInput, storage_error
 from service.ids import new_id
+from service.settings import Settings
 from service.storage import TEMP_PREFIX, LocalArtifactStore, StagedFile
 
 DATASET_PREFIX = "datasets"
@@ -47,6 +60,33 @@ CSV_CHUNK_ROWS = 10_000
 
 # Who still uses a dataset: each check returns human-readable references to its users.
 UsageCheck = Callable[[Session, str], list[str]]
+# A background task's completion, written in the transaction that commits its dataset: False when
+# the task's lease is no longer held (the task then belongs to another worker).
+Completion = Callable[[], bool]
+
+
+class TaskLeaseLost(Exception):
+    """A background task's lease ran out before its dataset was committed (nothing was)."""
+
+
+def build_dataset_service(
+    session: Session, settings: Settings, store: LocalArtifactStore, usage_checks: Sequence[UsageCheck] = ()
+) -> DatasetService:
+    """The service as the API and the workers configure it (limits from the settings)."""
+    return DatasetService(
+        session,
+        store,
+        max_columns=settings.max_columns,
+        row_group_rows=settings.parquet_row_group_rows,
+        columnar_memory_mb=settings.derive_memory_mb,
+        usage_checks=usage_checks,
+        recipe_limits=RecipeLimits(
+            max_depth=settings.max_recipe_depth,
+            max_datasets=settings.max_recipe_datasets,
+            max_steps=settings.max_recipe_steps,
+            max_bytes=settings.max_recipe_bytes,
+        ),
+    )
 
 
 def staged_key(dataset_id: str) -> str:
@@ -84,6 +124,7 @@ class DatasetService:
         self.recipe_limits = recipe_limits or RecipeLimits()
         self.usage_checks = list(usage_checks)
         self.repository = DatasetRepository(session)
+        self.tasks = DatasetTaskRepository(session)
         self.store = store
         self.max_columns = max_columns
         self.row_group_rows = row_group_rows
@@ -122,12 +163,19 @@ class DatasetService:
         key_column: str | None,
         filename: str | None,
         delimiter: str = ",",
+        dataset_id: str | None = None,
+        progress: Progress | None = None,
+        complete: Completion | None = None,
     ) -> DatasetTable:
-        """Parse the spooled CSV at ``spool`` column-wise into a new dataset (see ``ingest``)."""
+        """Parse the spooled CSV at ``spool`` column-wise into a new dataset (see ``ingest``).
+
+        A background task passes the dataset id it was given, its ``progress`` and ``complete``
+        (see :meth:`_commit_new`)."""
         recipe: Recipe = {"source": "upload", "filename": _safe_filename(filename), "columns": []}
-        dataset_id = new_id("ds")
-        key = f"{DATASET_PREFIX}/{dataset_id}.parquet"
-        with self.store.staged(key) as staged:
+        dataset_id = dataset_id or new_id("ds")
+        progress = progress or Progress()
+        progress.plan(2)
+        with self.store.staged(staged_key(dataset_id)) as staged:
             result = ingest_csv(
                 spool,
                 facts,
@@ -136,13 +184,23 @@ class DatasetService:
                 key_column=key_column,
                 max_columns=self.max_columns,
                 row_group_rows=self.row_group_rows,
+                progress=progress,
             )
+            progress.stage("checking the result")
             if key_column is not None and not result.key_ascending:
                 with self._work_directory() as work:
                     check_key_parquet(staged.path, key_column, memory_limit=KEY_CHECK_MEMORY, temp_directory=work)
             recipe["columns"] = result.header
             self._commit_new(
-                staged, dataset_id, name, key_column, result.columns, result.row_count, recipe, result.summary
+                staged,
+                dataset_id,
+                name,
+                key_column,
+                result.columns,
+                result.row_count,
+                recipe,
+                result.summary,
+                complete=complete,
             )
         return self.repository.get(dataset_id)
 
@@ -153,36 +211,37 @@ class DatasetService:
         recipe: Recipe = {"source": "json", "columns": list(request.columns)}
         return self._store_new(request.name, Table(parsed.frame, parsed.key_column), recipe)
 
-    def derive(self, parent_id: str, request: DeriveRequest) -> DatasetTable:
+    def derive(
+        self,
+        parent_id: str,
+        request: DeriveRequest,
+        *,
+        dataset_id: str | None = None,
+        progress: Progress | None = None,
+        complete: Completion | None = None,
+    ) -> DatasetTable:
         """Apply the steps; the recipe names the parent and each join's dataset by id (a DAG).
 
         The recipe's ceilings are checked from the inputs' stored recipes before any data is read,
-        and once more (its bytes) with the fitted steps.
+        and once more (its bytes) with the fitted steps. A background task passes the dataset id it
+        was given, its ``progress`` and ``complete`` (see :meth:`_commit_new`).
         """
-        parent = self.repository.get(parent_id)
-        inputs = {parent.id: parent}
-        for step in request.steps:
-            if isinstance(step, JoinStep) and step.dataset_id not in inputs:
-                inputs[step.dataset_id] = self.repository.get(step.dataset_id)
-        recipes = {dataset_id: row.recipe for dataset_id, row in inputs.items()}
-        planned = [
-            {"op": step.op, "dataset_id": step.dataset_id} if isinstance(step, JoinStep) else {"op": step.op}
-            for step in request.steps
-        ]
-        check_recipe(derived_recipe(parent.id, planned, recipes), self.recipe_limits)
-        parquet_inputs = {dataset_id: self._parquet_input(row) for dataset_id, row in inputs.items()}
-        dataset_id = new_id("ds")
+        inputs = self._derive_inputs(parent_id, request)
+        recipes = {input_id: row.recipe for input_id, row in inputs.items()}
+        parquet_inputs = {input_id: self._parquet_input(row) for input_id, row in inputs.items()}
+        dataset_id = dataset_id or new_id("ds")
         with self.store.staged(staged_key(dataset_id)) as staged, self._work_directory() as work:
             result = derive_parquet(
-                parquet_inputs[parent.id],
+                parquet_inputs[parent_id],
                 request.steps,
                 parquet_inputs,
                 staged.path,
                 row_group_rows=self.row_group_rows,
                 memory_limit=f"{self.columnar_memory_mb}MB",
                 temp_directory=work,
+                progress=progress,
             )
-            recipe = derived_recipe(parent.id, result.steps, recipes)
+            recipe = derived_recipe(parent_id, result.steps, recipes)
             size = check_recipe(recipe, self.recipe_limits)
             summary = summarise_parquet(staged.path, result.columns)
             return self._commit_new(
@@ -195,7 +254,119 @@ class DatasetService:
                 recipe,
                 summary,
                 size,
+                complete=complete,
             )
+
+    def _derive_inputs(self, parent_id: str, request: DeriveRequest) -> dict[str, DatasetTable]:
+        """The parent and every joined dataset (404 for a missing one); the recipe's ceilings checked
+        from their stored recipes, before any data is read."""
+        parent = self.repository.get(parent_id)
+        inputs = {parent.id: parent}
+        for step in request.steps:
+            if isinstance(step, JoinStep) and step.dataset_id not in inputs:
+                inputs[step.dataset_id] = self.repository.get(step.dataset_id)
+        recipes = {input_id: row.recipe for input_id, row in inputs.items()}
+        planned = [
+            {"op": step.op, "dataset_id": step.dataset_id} if isinstance(step, JoinStep) else {"op": step.op}
+            for step in request.steps
+        ]
+        check_recipe(derived_recipe(parent.id, planned, recipes), self.recipe_limits)
+        return inputs
+
+    # --- background tasks ---------------------------------------------------------------------
+
+    def submit_derive(self, parent_id: str, request: DeriveRequest) -> DatasetTaskTable:
+        """A derive to run in the background; what can be refused without reading data is refused now."""
+        inputs = self._derive_inputs(parent_id, request)
+        progress = Progress(len(request.steps) + 2)
+        task = DatasetTaskTable(
+            id=new_id("dt"),
+            kind="derive",
+            name=request.name,
+            status=PENDING,
+            parent_id=parent_id,
+            input_ids=list(inputs),
+            request=request.model_dump(mode="json"),
+            progress=progress.snapshot(),
+            dataset_id=new_id("ds"),
+            attempts=0,
+        )
+        return self._submit(task)
+
+    def submit_upload(
+        self,
+        name: str,
+        spool: Path,
+        facts: SpoolFacts,
+        *,
+        key_column: str | None,
+        filename: str | None,
+        delimiter: str = ",",
+    ) -> DatasetTaskTable:
+        """An upload to parse in the background. The file's bytes, header and key column are
+        checked now (400 at once); the spooled file moves to ``uploads/<task id>.csv`` until the
+        task ends."""
+        check_spool(facts)
+        check_key_column(read_header(spool, delimiter, self.max_columns), key_column)
+        task_id = new_id("dt")
+        key = upload_key(task_id)
+        target = self.store.path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(spool, target)
+        except OSError as exc:
+            raise storage_error(exc, key) from exc
+        task = DatasetTaskTable(
+            id=task_id,
+            kind="upload",
+            name=name,
+            status=PENDING,
+            parent_id=None,
+            input_ids=[],
+            request={
+                "upload_key": key,
+                "facts": asdict(facts),
+                "key_column": key_column,
+                "filename": filename,
+                "delimiter": delimiter,
+            },
+            progress=Progress(2).snapshot(),
+            dataset_id=new_id("ds"),
+            attempts=0,
+        )
+        try:
+            return self._submit(task)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+
+    def _submit(self, task: DatasetTaskTable) -> DatasetTaskTable:
+        self.tasks.add(task)
+        announce_work(self.session)
+        self.session.commit()
+        work_committed()
+        return task
+
+    def run_task(self, task: DatasetTaskTable, progress: Progress, complete: Completion) -> DatasetTable:
+        """Do what ``task`` asks (in a worker); its completion is committed with the new dataset."""
+        if task.kind == "derive":
+            assert task.parent_id is not None
+            request = DeriveRequest.model_validate(task.request)
+            return self.derive(
+                task.parent_id, request, dataset_id=task.dataset_id, progress=progress, complete=complete
+            )
+        spec = task.request
+        return self.create_from_csv(
+            task.name,
+            self.store.path(spec["upload_key"]),
+            SpoolFacts(**spec["facts"]),
+            key_column=spec["key_column"],
+            filename=spec["filename"],
+            delimiter=spec["delimiter"],
+            dataset_id=task.dataset_id,
+            progress=progress,
+            complete=complete,
+        )
 
     def _parquet_input(self, row: DatasetTable) -> ParquetInput:
         return ParquetInput(self.store.path(row.storage_key), row.key_column, list(row.columns))
@@ -246,8 +417,14 @@ class DatasetService:
         recipe: Recipe,
         summary: list[dict[str, Any]],
         size: RecipeSize | None = None,
+        *,
+        complete: Completion | None = None,
     ) -> DatasetTable:
-        """The row for a written file; the file is published and the row committed together."""
+        """The row for a written file; the file is published and the row committed together.
+
+        ``complete`` (a background task's) writes the task's completion in the same transaction and
+        says whether the task's lease was still held; when it was not, nothing is published or
+        committed (:class:`TaskLeaseLost`): another worker runs the task."""
         row = DatasetTable(
             id=dataset_id,
             name=name,
@@ -261,6 +438,9 @@ class DatasetService:
             summary=summary,
         )
         self.repository.add(row)
+        if complete is not None and not complete():
+            self.session.rollback()
+            raise TaskLeaseLost(f"the lease on the task making dataset {dataset_id!r} was lost")
         staged.publish()
         self.session.commit()
         return row
@@ -401,7 +581,11 @@ def sweep_orphan_files(session: Session, store: LocalArtifactStore, grace_second
         for entry in work.iterdir():
             if entry.is_dir() and entry.stat().st_mtime < cutoff:
                 shutil.rmtree(entry, ignore_errors=True)
-    return store.sweep_orphans(DATASET_PREFIX, DatasetRepository(session).storage_keys(), grace_seconds)
+    removed = store.sweep_orphans(DATASET_PREFIX, DatasetRepository(session).storage_keys(), grace_seconds)
+    # an upload waiting for its task is kept; one whose task ended (or never committed) goes
+    return removed + store.sweep_orphans(
+        UPLOADS_PREFIX, DatasetTaskRepository(session).active_upload_keys(), grace_seconds
+    )
 
 
 def _safe_filename(filename: str | None) -> str | None:

@@ -37,6 +37,35 @@ class DatasetTable(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class DatasetTaskTable(Base):
+    """An upload or derive run in the background; claimable by one worker at a time (leases).
+
+    ``dataset_id`` is chosen when the task is made, so running it again after a crash commits the
+    same dataset once; the dataset row and the task's completion are committed together."""
+
+    __tablename__ = "dataset_tasks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    # A derive's input and every dataset it joins (what a delete must wait for), not foreign keys:
+    # a finished task does not keep its inputs alive.
+    parent_id: Mapped[str | None] = mapped_column(String(40))
+    input_ids: Mapped[list[Any]] = mapped_column(default=list)
+    request: Mapped[dict[str, Any]] = mapped_column()
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    dataset_id: Mapped[str] = mapped_column(String(40))
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    next_poll_at: Mapped[datetime | None] = mapped_column()
+
+
 class TrainingJobTable(Base):
     """A training job; its lease columns make it claimable by exactly one worker at a time."""
 
