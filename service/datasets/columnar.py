@@ -54,6 +54,7 @@ key refusal come from further queries (bounded results, never whole columns).
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -71,6 +72,7 @@ import pyarrow.parquet as pq
 
 from schemas.datasets import DeriveStep, DropNaStep, DropStep, FillNaStep, JoinStep, RenameStep, ScaleStep, SelectStep
 from service.datasets.parsing import NUMBER_PATTERN, check_column_names, parse_number
+from service.datasets.positional_join import GatheredColumn, join_memory, match_positions, write_joined
 from service.datasets.progress import Progress, duckdb_fraction
 from service.datasets.transforms import (
     FittedStep,
@@ -196,6 +198,20 @@ class _Column:
         return self.ref if self.dtype == "string" else f"CAST({self.ref} AS VARCHAR)"
 
 
+@dataclass(frozen=True, eq=False)
+class _PositionalJoin:
+    """A join whose rows are matched (``positions``: the right row of each left row, or -1)."""
+
+    left: _Table
+    right: _Table
+    on: str
+    key: _Column
+    extra: tuple[_Column, ...]
+    inner: bool
+    positions: np.ndarray
+    right_rows: int
+
+
 @dataclass(frozen=True)
 class _Table:
     """A query whose rows are the table's (``__row`` orders them) and the columns it exposes."""
@@ -206,6 +222,8 @@ class _Table:
     ordered: bool  # DuckDB yields the rows in __row order without ORDER BY (no join upstream)
     key_unique: bool = False  # the key column is known to be unique and non-null
     joins: bool = False  # a join runs in the query (never sort it: Engine.materialise first)
+    # A join matched by positions (positional_join), to be written out by Engine.materialise
+    positional: _PositionalJoin | None = None
 
     @property
     def names(self) -> list[str]:
@@ -242,6 +260,7 @@ class _Engine:
     """One DuckDB connection (in memory, spilling to ``temp_directory``) and the names it hands out."""
 
     def __init__(self, memory_limit: str, temp_directory: Path | None) -> None:
+        self.memory_bytes = _bytes(memory_limit)
         config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": memory_limit,
             "preserve_insertion_order": True,  # scans and filters keep the file's row order
@@ -283,9 +302,21 @@ class _Engine:
         if self._work is None:
             assert self._temp_directory is not None, "writing a table out needs a temp directory"
             self._work = Path(tempfile.mkdtemp(prefix="derive-", dir=self._temp_directory))
-        path = _text(str(self._work / f"{self.new_ref()}.parquet"))
+        file = self._work / f"{self.new_ref()}.parquet"
+        path = _text(str(file))
         kept = {c.ref for c in table.columns if c.stored and (keep is None or c.ref in keep)}
         columns = ", ".join(["__row", *(c.ref for c in table.columns if c.ref in kept)])
+        stored = tuple(replace(c, stored=c.ref in kept) for c in table.columns)
+        if table.positional is not None and self._write_positional(table.positional, kept, file):
+            # written in the left side's row order: read back in order with no sort
+            return replace(
+                table,
+                sql=f"SELECT {columns} FROM read_parquet({path})",
+                columns=stored,
+                joins=False,
+                ordered=True,
+                positional=None,
+            )
         self.connection.execute("SET preserve_insertion_order = false")  # its order is __row's job
         try:
             self.connection.execute(
@@ -293,8 +324,48 @@ class _Engine:
             )
         finally:
             self.connection.execute("SET preserve_insertion_order = true")
-        stored = tuple(replace(c, stored=c.ref in kept) for c in table.columns)
         return replace(table, sql=f"SELECT {columns} FROM read_parquet({path})", columns=stored, joins=False)
+
+    def _write_positional(self, join: _PositionalJoin, kept: set[str], out_path: Path) -> bool:
+        """Write the join matched by positions; False (nothing written) when a text column of the
+        right side would hold more than the memory limit: the caller lets DuckDB join then."""
+        assert self._work is not None
+        text = [c for c in join.extra if c.ref in kept and c.dtype == "string"]
+        sizes: dict[str, int] = {}
+        if text:
+            totals = self.one(f"SELECT {', '.join(f'sum(strlen({c.ref}))' for c in text)} FROM ({join.right.sql}) AS t")
+            sizes = {c.ref: int(total or 0) for c, total in zip(text, totals, strict=True)}
+            widest = max(size + 9 * join.right_rows for size in sizes.values())
+            if join_memory(len(join.positions), join.right_rows, widest) > self.memory_bytes:
+                return False
+        expressions = ["__row"]
+        for column in join.left.columns:
+            if column.name == join.on:
+                if join.key.ref in kept:
+                    expressions.append(f"{column.as_text} AS {join.key.ref}")
+            elif column.ref in kept:
+                expressions.append(column.ref)
+        gathered = [
+            GatheredColumn(
+                c.ref,
+                join.right.select([c.ref], ordered=True),
+                join.right_rows,
+                sizes.get(c.ref),
+                to_float=c.dtype == "float64" and join.right.column(c.name).dtype == "int64",
+            )
+            for c in join.extra
+            if c.ref in kept
+        ]
+        write_joined(
+            self.batches,
+            join.positions,
+            left_sql=join.left.select(expressions, ordered=True),
+            gathered=gathered,
+            inner=join.inner,
+            out_path=out_path,
+            work_directory=self._work,
+        )
+        return True
 
     def new_ref(self) -> str:
         return f"c{next(self._names)}"
@@ -551,11 +622,16 @@ def _join(
         )
 
     extra = [column for column in right.columns if column.name != on]
+    matched = _match_by_positions(engine, left, right, on)
     # pandas gives the other side's int64 columns NaN, so float64, when a left row finds no match.
     widen = (
         step.how == "left"
         and any(column.dtype == "int64" for column in extra)
-        and bool(engine.rows(f"SELECT 1 FROM {sides('ANTI')} LIMIT 1"))
+        and (
+            bool((matched.positions < 0).any())
+            if matched is not None
+            else bool(engine.rows(f"SELECT 1 FROM {sides('ANTI')} LIMIT 1"))
+        )
     )
     expressions = ["l.__row AS __row"]
     columns = []
@@ -578,8 +654,63 @@ def _join(
     # Each left row is kept at most once: a unique left key stays unique. The join column as key
     # may hold a null (a single one passes the duplicate check): the final key check decides.
     key_unique = left.key_unique if left.key_column else False
-    table = _Table(sql, tuple(columns), left.key_column or on, ordered=False, key_unique=key_unique, joins=True)
+    positional = None
+    if matched is not None:
+        joined = {column.ref for column in extra}
+        positional = _PositionalJoin(
+            left,
+            right,
+            on,
+            key,
+            tuple(column for column in columns if column.ref in joined),
+            step.how == "inner",
+            matched.positions,
+            matched.right_rows,
+        )
+    table = _Table(
+        sql,
+        tuple(columns),
+        left.key_column or on,
+        ordered=False,
+        key_unique=key_unique,
+        joins=True,
+        positional=positional,
+    )
     return table, record
+
+
+@dataclass(frozen=True, eq=False)
+class _Matched:
+    positions: np.ndarray
+    right_rows: int
+
+
+def _match_by_positions(engine: _Engine, left: _Table, right: _Table, on: str) -> _Matched | None:
+    """The join matched by :mod:`positional_join`, or None when DuckDB's hash join must do it: an
+    empty side, a pair of the right side's values with one 64-bit hash, or more memory than the
+    engine's limit (see ``join_memory``)."""
+    left_key, right_key = left.column(on), right.column(on)
+    (right_rows,) = engine.one(f"SELECT count(*) FROM ({right.sql}) AS t")  # Parquet metadata: free
+    left_rows, last_row = engine.one(f"SELECT count(*), max(__row) FROM ({left.sql}) AS t")
+    if not left_rows or not right_rows:
+        return None
+    value = right_key.as_text
+    index = "INTEGER" if max(right_rows, last_row + 1) < 2**31 else "BIGINT"
+    # The right side is a stored dataset's scan: its __row is the row's position.
+    positions = match_positions(
+        engine.batches,
+        right_sorted=f"SELECT hash({value}) AS h, strlen({value}), CAST(__row AS {index}) "
+        f"FROM ({right.sql}) AS t ORDER BY h",
+        left_sorted=f"SELECT hash({left_key.as_text}) AS h, CAST(__row AS {index}) FROM ({left.sql}) AS t ORDER BY h",
+        left_order=left.select([f"CAST(__row AS {index})"], ordered=True),
+        left_values=left.select([left_key.as_text], ordered=True),
+        right_values=right.select([value], ordered=True),
+        left_rows=left_rows,
+        right_rows=right_rows,
+        row_limit=last_row + 1,
+        budget=engine.memory_bytes,
+    )
+    return None if positions is None else _Matched(positions, right_rows)
 
 
 def _fit_scale(engine: _Engine, table: _Table, step: ScaleStep) -> dict[str, dict[str, float]]:
@@ -814,12 +945,17 @@ def _write(engine: _Engine, table: _Table, out_path: Path, row_group_rows: int, 
     progress.stage("writing", total=int(expected))
     schema = pandas_schema([{"name": c.name, "dtype": c.dtype} for c in table.columns])
     rows = 0
-    # pandas' defaults (snappy, dictionaries) except no dictionary for numbers: on distinct floats it
-    # only costs time (it is abandoned after the first page), and readers see the same data.
-    text = [column.name for column in table.columns if column.dtype == "string"]
-    batches = engine.batches(table.select([c.ref for c in table.columns], ordered=True), row_group_rows)
+    # pandas' defaults (snappy, dictionaries) for text; numbers neither dictionary-encoded nor
+    # compressed (as uploads store them): on distinct floats both only cost time (snappy saves ~1%),
+    # and readers see the same data.
+    # The key column is unique: a dictionary of it could never be smaller than its values.
+    text = [c.name for c in table.columns if c.dtype == "string" and c.name != table.key_column]
+    compression = {column.name: "snappy" if column.dtype == "string" else "none" for column in table.columns}
+    # DuckDB fills large batches on both cores; small ones cost it twice the time (they are regrouped)
+    batch_rows = max(row_group_rows, min(4 * row_group_rows, 1 << 18))
+    batches = engine.batches(table.select([c.ref for c in table.columns], ordered=True), batch_rows)
     with (
-        pq.ParquetWriter(out_path, schema, use_dictionary=text) as writer,
+        pq.ParquetWriter(out_path, schema, use_dictionary=text, compression=compression) as writer,
         ThreadPoolExecutor(1, thread_name_prefix="parquet-writer") as background,
     ):
         # One row group is encoded on the background thread while DuckDB produces the next.
@@ -1024,3 +1160,14 @@ def _block_sums(rows: np.ndarray) -> np.ndarray:
     for i in range(end, size):
         result = result + rows[:, i]
     return result
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", re.IGNORECASE)
+
+
+def _bytes(limit: str) -> int:
+    """DuckDB's memory limit (``256MB``; DuckDB takes MB for MiB) in bytes."""
+    match = _SIZE.fullmatch(limit)
+    if match is None:
+        raise ValueError(f"not a memory size: {limit!r}")
+    return int(float(match.group(1)) * 1024 ** "BKMGT".index(match.group(2).upper() or "B"))

@@ -98,13 +98,29 @@ def pandas_derive(
     return Outcome(read_back, fitted, table.key_column, path=path)
 
 
+# Joins are matched by positions (positional_join) when they fit the memory limit, else by DuckDB's
+# hash join: this limit is below what any positional join needs, so it takes the second path.
+HASH_JOIN_MEMORY = "8MB"
+
+
 def columnar_derive(
-    parent: str, steps: list[Any], inputs: Mapping[str, ParquetInput], directory: Path, group: int = ROW_GROUP_ROWS
+    parent: str,
+    steps: list[Any],
+    inputs: Mapping[str, ParquetInput],
+    directory: Path,
+    group: int = ROW_GROUP_ROWS,
+    memory_limit: str = "256MB",
 ) -> Outcome:
     out = directory / "columnar-result.parquet"
     try:
         result = derive_parquet(
-            inputs[parent], steps, inputs, out, row_group_rows=group, temp_directory=directory / "spill"
+            inputs[parent],
+            steps,
+            inputs,
+            out,
+            row_group_rows=group,
+            memory_limit=memory_limit,
+            temp_directory=directory / "spill",
         )
     except AppError as exc:
         assert not out.exists()
@@ -144,13 +160,14 @@ def compare(
     parent: str = "L",
     group: int = ROW_GROUP_ROWS,
     trust_keys: bool = True,
+    memory_limit: str = "256MB",
 ) -> Outcome:
     """Derive with both implementations from the same stored files; assert they agree."""
     validated = STEPS.validate_python(steps)
     with workspace() as directory:
         inputs = {name: store(directory, name, frame, key, group, trust_keys) for name, (frame, key) in frames.items()}
         expected = pandas_derive(parent, validated, inputs, directory, group)
-        actual = columnar_derive(parent, validated, inputs, directory, group)
+        actual = columnar_derive(parent, validated, inputs, directory, group, memory_limit)
         assert_same(expected, actual)
     return expected
 
@@ -242,11 +259,14 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, tuple[pd.DataFrame, str | None
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.booleans())
-def test_generated_steps_match_pandas(scenario: tuple[dict[str, Any], list[dict[str, Any]]], trust_keys: bool) -> None:
-    """With keys declared unique (as stored datasets' are) or not (every duplicate check runs)."""
+@given(scenarios(), st.booleans(), st.sampled_from(["256MB", HASH_JOIN_MEMORY]))
+def test_generated_steps_match_pandas(
+    scenario: tuple[dict[str, Any], list[dict[str, Any]]], trust_keys: bool, memory_limit: str
+) -> None:
+    """With keys declared unique (as stored datasets' are) or not (every duplicate check runs);
+    joins matched by positions or by DuckDB's hash join."""
     frames, steps = scenario
-    compare(frames, steps, trust_keys=trust_keys)
+    compare(frames, steps, trust_keys=trust_keys, memory_limit=memory_limit)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -262,7 +282,8 @@ def test_steps_after_a_join_match_pandas(
     if not names:
         return
     kept = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
-    compare(frames, [join, *steps[:2], {"op": "select", "columns": kept}])
+    memory_limit = data.draw(st.sampled_from(["256MB", HASH_JOIN_MEMORY]))
+    compare(frames, [join, *steps[:2], {"op": "select", "columns": kept}], memory_limit=memory_limit)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, on the pandas side
