@@ -8,6 +8,8 @@ one that cannot even be decoded.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -82,12 +84,17 @@ _FLUSH_BYTES = 1 << 20  # file bytes are handed to the sink (on a worker thread)
 
 
 class _SinkWriter:
-    """Buffers file bytes and writes them to the sink off the event loop, a megabyte at a time."""
+    """Buffers file bytes and writes them to the sink off the event loop, a megabyte at a time.
+
+    One write is in flight while the next megabyte is received: the disk write and the checks the
+    sink makes overlap the network (their order is kept: a write starts when the previous ended).
+    Every exit path waits for the write in flight before the sink is closed."""
 
     def __init__(self, sink: ChunkSink) -> None:
         self.sink = sink
         self.buffer = bytearray()
         self.bytes = 0
+        self._pending: asyncio.Future[None] | None = None
 
     def add(self, data: bytes | memoryview) -> None:
         self.buffer += data
@@ -96,16 +103,33 @@ class _SinkWriter:
     async def flush(self, force: bool = False) -> None:
         if self.buffer and (force or len(self.buffer) >= _FLUSH_BYTES):
             chunk, self.buffer = bytes(self.buffer), bytearray()
-            await run_in_threadpool(self.sink.write, chunk)
+            await self.drain()
+            self._pending = asyncio.ensure_future(run_in_threadpool(self.sink.write, chunk))
+        if force:
+            await self.drain()
+
+    async def drain(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    async def abandon(self) -> None:
+        """After a failure: wait for the write in flight, ignoring its own failure (the first wins)."""
+        with contextlib.suppress(Exception):
+            await self.drain()
 
 
 async def spool_body(request: Request, sink: ChunkSink) -> int:
     """A raw request body streamed into ``sink``; returns its size."""
     writer = _SinkWriter(sink)
-    async for chunk in request.stream():
-        writer.add(chunk)
-        await writer.flush()
-    await writer.flush(force=True)
+    try:
+        async for chunk in request.stream():
+            writer.add(chunk)
+            await writer.flush()
+        await writer.flush(force=True)
+    except BaseException:
+        await writer.abandon()
+        raise
     return writer.bytes
 
 
@@ -198,17 +222,21 @@ async def spool_multipart(request: Request, sink: ChunkSink, what: str, max_fiel
         },
     )
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-            if problems:
-                raise RequestValidationFailed(problems[0])
-            await writer.flush()
-        parser.finalize()
-    except (MultipartParseError, ValueError) as exc:
-        raise InvalidInput(f"the multipart body cannot be read: {exc}") from exc
-    if problems:
-        raise RequestValidationFailed(problems[0])
-    await writer.flush(force=True)
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if problems:
+                    raise RequestValidationFailed(problems[0])
+                await writer.flush()
+            parser.finalize()
+        except (MultipartParseError, ValueError) as exc:
+            raise InvalidInput(f"the multipart body cannot be read: {exc}") from exc
+        if problems:
+            raise RequestValidationFailed(problems[0])
+        await writer.flush(force=True)
+    except BaseException:
+        await writer.abandon()
+        raise
     if not filename:
         raise RequestValidationFailed(f"multipart field `file` ({what}) is required")
     return StreamedUpload(filename[0], fields, writer.bytes)

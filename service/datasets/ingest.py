@@ -36,6 +36,7 @@ import csv
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,11 +67,13 @@ _NON_FINITE = re.compile(_NON_FINITE_RE2)
 _INT64_LIMIT = 2**53
 BLOCK_BYTES = 4 << 20  # pyarrow parses blocks of this size, one per thread
 PIECE_BYTES = 8 << 20  # the file is read in pieces of this size (at least two blocks)
+PARSERS = 2  # pieces parsed at once, each on a thread of its own
 PROBE_ROWS = 2000  # column types are assumed from this many first rows
 WRITES_IN_FLIGHT = 2  # row groups queued for the writer thread before the parser waits
 SYNC_BYTES = 64 << 20  # the Parquet file is flushed to disk as it grows, so publishing it is quick
 MAX_BLOCK_BYTES = 256 << 20  # a row longer than a block needs bigger blocks, up to this
 TAIL_BYTES = 1 << 20  # how much of the file's end is read to see whether its last line is whole
+PROBE_BYTES = 1 << 20  # the first rows, parsed to assume column types, are read from this much
 PANDAS_CHUNK_BYTES = 8 << 20
 MAX_HEADER_BYTES = 64 << 20
 _RESTARTS_PER_COLUMN = 3
@@ -667,9 +670,16 @@ class _CutInsideQuotes(Exception):
 
 
 def _arrow_options(
-    header: list[str], delimiter: str, plans: Sequence[ColumnPlan], block_bytes: int, skip_header: bool
+    header: list[str],
+    delimiter: str,
+    plans: Sequence[ColumnPlan],
+    block_bytes: int,
+    skip_header: bool,
+    threads: bool = True,
 ) -> tuple[pcsv.ReadOptions, pcsv.ParseOptions, pcsv.ConvertOptions]:
-    read = pcsv.ReadOptions(column_names=header, skip_rows=1 if skip_header else 0, block_size=block_bytes)
+    read = pcsv.ReadOptions(
+        column_names=header, skip_rows=1 if skip_header else 0, block_size=block_bytes, use_threads=threads
+    )
     parse = pcsv.ParseOptions(delimiter=delimiter, quote_char='"', double_quote=True, newlines_in_values=True)
     convert = pcsv.ConvertOptions(
         column_types={plan.name: pa.float64() if plan.read_double else pa.string() for plan in plans}
@@ -694,9 +704,10 @@ def _arrow_errors(exc: pa.ArrowInvalid) -> Exception:
     return _NeedExactTokenizer(message)
 
 
-def _pieces(path: Path, piece_bytes: int) -> Iterator[tuple[memoryview, bool]]:
+def _pieces(path: Path, piece_bytes: int) -> Iterator[tuple[memoryview, bool, bool]]:
     """The file cut after line ends (``\\n`` or ``\\r``) into pieces of about ``piece_bytes``, each one
-    fresh buffer read straight from the file; with each, whether it ends the file."""
+    fresh buffer read straight from the file; with each, whether it ends the file and whether it
+    holds a quote."""
     with open(path, "rb") as raw:
         carry = b""
         while True:
@@ -706,14 +717,14 @@ def _pieces(path: Path, piece_bytes: int) -> Iterator[tuple[memoryview, bool]]:
             filled = len(carry) + raw.readinto(view[len(carry) :])
             if filled < len(buffer):  # the end of the file
                 if filled:
-                    yield view[:filled], True
+                    yield view[:filled], True, buffer.find(b'"', 0, filled) >= 0
                 return
             cut = max(buffer.rfind(b"\n"), buffer.rfind(b"\r"))
             if cut < 0:  # a line longer than the piece: read on
                 carry = bytes(view)
                 continue
             carry = bytes(view[cut + 1 :])
-            yield view[: cut + 1], False
+            yield view[: cut + 1], False, buffer.find(b'"', 0, cut + 1) >= 0
 
 
 def arrow_pieces(
@@ -747,25 +758,96 @@ def arrow_pieces(
             if quoted and last and _ends_inside_quotes(_tail(path), False, delimiter, _last_row(last)):
                 raise _NeedExactTokenizer("the file may end inside a quoted field")
             return
-        first = True
-        consumed = 0
-        for piece, final in _pieces(path, max(PIECE_BYTES, 2 * block_bytes)):
-            consumed += len(piece)
-            if progress is not None:
-                progress.advance(consumed)
-            read, parse, convert = _arrow_options(header, delimiter, plans, block_bytes, skip_header=first)
-            table = pcsv.read_csv(pa.BufferReader(pa.py_buffer(piece)), read, parse, convert)
-            if quoted and table.num_rows:
-                tail = bytes(piece[-TAIL_BYTES:])
-                if _ends_inside_quotes(tail, first and len(piece) <= TAIL_BYTES, delimiter, _last_row(table.columns)):
-                    if final:
-                        raise _NeedExactTokenizer("the file may end inside a quoted field")
-                    raise _CutInsideQuotes()
-            first = False
-            if table.num_rows:
-                yield [_combined(column) for column in table.columns]
+        # Pieces are parsed on PARSERS threads, each piece in one block on one thread (pyarrow's
+        # own split of a piece into blocks costs a quarter of the parse), PARSERS pieces ahead.
+        parsers = ThreadPoolExecutor(PARSERS, thread_name_prefix="csv-parse")
+        try:
+            source = _pieces(path, max(PIECE_BYTES, 2 * block_bytes))
+            ahead: deque[tuple[Future[pa.Table], memoryview, bool, bool, bool]] = deque()
+            consumed = 0
+            while True:
+                while len(ahead) < PARSERS:
+                    item = next(source, None)
+                    if item is None:
+                        break
+                    piece, final, has_quote = item
+                    first = consumed == 0 and not ahead
+                    read, parse, convert = _arrow_options(
+                        header, delimiter, plans, max(block_bytes, len(piece) + 1), skip_header=first, threads=False
+                    )
+                    parsed = parsers.submit(_read_piece, piece, has_quote, read, parse, convert)
+                    ahead.append((parsed, piece, final, has_quote, first))
+                    consumed += len(piece)
+                if not ahead:
+                    break
+                parsed, piece, final, has_quote, first = ahead.popleft()
+                table = parsed.result()
+                if progress is not None:
+                    progress.advance(consumed - sum(len(later[1]) for later in ahead))
+                if quoted and has_quote and table.num_rows:  # a piece with no quote cannot end inside one
+                    tail = bytes(piece[-TAIL_BYTES:])
+                    if _ends_inside_quotes(
+                        tail, first and len(piece) <= TAIL_BYTES, delimiter, _last_row(table.columns)
+                    ):
+                        if final:
+                            raise _NeedExactTokenizer("the file may end inside a quoted field")
+                        raise _CutInsideQuotes()
+                # block by block (one record batch per block): no copy to make each column one chunk
+                for batch in table.to_batches():
+                    if batch.num_rows:
+                        yield list(batch.columns)
+        finally:
+            parsers.shutdown(wait=True, cancel_futures=True)
     except pa.ArrowInvalid as exc:
         raise _arrow_errors(exc) from exc
+
+
+def _read_piece(
+    piece: memoryview,
+    has_quote: bool,
+    read: pcsv.ReadOptions,
+    parse: pcsv.ParseOptions,
+    convert: pcsv.ConvertOptions,
+) -> pa.Table:
+    """``read_csv`` of one piece. pyarrow splits a piece into blocks for its threads; when the piece
+    holds no quote at all, no value can hold a line break, and pyarrow is told so
+    (``newlines_in_values=False``): it then finds block ends a third faster. (With quotes, a block
+    end could fall inside a quoted value, and nothing cheap tells the result is wrong: measured.)"""
+    if parse.newlines_in_values and not has_quote:
+        parse = pcsv.ParseOptions(
+            delimiter=parse.delimiter,
+            quote_char=parse.quote_char,
+            double_quote=parse.double_quote,
+            newlines_in_values=False,
+        )
+    return pcsv.read_csv(pa.BufferReader(pa.py_buffer(piece)), read, parse, convert)
+
+
+def _probe(path: Path, header: list[str], delimiter: str, block_bytes: int) -> list[pa.Array] | None:
+    """The first rows (at least :data:`PROBE_ROWS` when the file has them), every column as text.
+
+    The file's first :data:`PROBE_BYTES`, cut after a line end, parsed at once; when that text
+    might end inside a quoted field (or does not parse), the first block of pyarrow's streaming
+    reader instead, which follows quotes across blocks (slower: it reads ahead)."""
+    with open(path, "rb") as raw:
+        head = raw.read(PROBE_BYTES)
+        whole = len(head) < PROBE_BYTES or not raw.read(1)
+    cut = len(head) if whole else max(head.rfind(b"\n"), head.rfind(b"\r")) + 1
+    if cut > 0:
+        read, parse, convert = _arrow_options(header, delimiter, [], block_bytes, skip_header=True)
+        try:
+            table = pcsv.read_csv(pa.BufferReader(head[:cut]), read, parse, convert)
+        except pa.ArrowInvalid:
+            table = None
+        if table is not None and table.num_rows and (whole or table.num_rows >= PROBE_ROWS):
+            tail = head[max(0, cut - TAIL_BYTES) : cut]
+            if not _ends_inside_quotes(tail, cut <= TAIL_BYTES, delimiter, _last_row(table.columns)):
+                return [_combined(column) for column in table.columns]
+    probe = arrow_pieces(path, header, delimiter, [], block_bytes, quoted=False, streaming=True)
+    try:
+        return next(probe, None)
+    finally:
+        probe.close()
 
 
 def _tail(path: Path) -> bytes:
@@ -860,18 +942,12 @@ def ingest_csv(
             if exact_tokenizer:
                 pieces = pandas_pieces(path, header, delimiter)
             else:
-                if not plans:  # column types assumed from the first block, read as text
-                    probe = arrow_pieces(path, header, delimiter, [], block_bytes, quoted=False, streaming=True)
-                    try:
-                        first = next(probe, None)
-                    finally:
-                        probe.close()
+                if not plans:  # column types assumed from the first rows, read as text
+                    first = _probe(path, header, delimiter, block_bytes)
                     if first is None:
                         raise InvalidInput("the file has a header but no data rows")
                     plans = assume_plans(header, key_column, first)
-                pieces = arrow_pieces(
-                    path, header, delimiter, plans, block_bytes, facts.has_quote, streaming, progress
-                )
+                pieces = arrow_pieces(path, header, delimiter, plans, block_bytes, facts.has_quote, streaming, progress)
             return _one_pass(pieces, header, key_column, plans, out_path, row_group_rows, progress)
         except _PassRestart as again:
             plans = again.plans

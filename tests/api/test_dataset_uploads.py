@@ -17,9 +17,13 @@ CSV = b"State,Crime,Density\nAlabama,4.5,94.4\nAlaska,5.1,1.3\nArizona,5.2,56.3\
 
 
 def leftovers(settings: Settings) -> list[str]:
-    """Files in the artifact directory other than published Parquet files."""
+    """Files in the artifact directory other than published Parquet files (temp files of any kind)."""
     root = settings.resolved_artifact_dir
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".parquet")
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and (p.suffix != ".parquet" or p.name.startswith(".tmp-"))
+    )
 
 
 def test_a_raw_text_csv_body_with_fields_in_the_query(client: TestClient) -> None:
@@ -85,6 +89,50 @@ def test_multipart_fields_may_come_after_the_file(client: TestClient, settings: 
     )
     assert response.status_code == 201, response.text
     assert response.json()["name"] == "late" and response.json()["recipe"]["filename"] == "c.csv"
+    assert leftovers(settings) == []
+
+
+def _file_first(data: bytes, **fields: str) -> tuple[bytes, dict[str, str]]:
+    """A multipart body with the file before the other fields (the order `curl -F file=@... -F ...` uses)."""
+    boundary = "b0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\n"
+    ).encode() + data
+    for name, value in fields.items():
+        body += f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode()
+    body += f"\r\n--{boundary}--\r\n".encode()
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.mark.parametrize(
+    ("data", "fields"),
+    [
+        (CSV, {"key_column": "State"}),  # the key named after the file: the parse made meanwhile holds
+        (b"k,v\n a ,1\nb ,2\n", {"key_column": "k"}),  # keys to trim: parsed again as keys
+        (b"k,v\n3,1\n1,2\n2,3\n", {"key_column": "k"}),  # numbers as keys: parsed again as text
+        (b"k;v\nx;1,5\ny;2\n", {"delimiter": ";", "key_column": "k"}),  # another delimiter: parsed again
+        (b"k,v\nx,1\nx,2\n", {"key_column": "k"}),  # duplicate keys: refused all the same
+        (b"k,v\nx,1\n,2\n", {"key_column": "k"}),  # an empty key: refused all the same
+        (b"k,v\nx,1\ny,nan\n", {}),  # refused while parsing: the same error
+    ],
+)
+def test_fields_after_the_file_give_what_fields_before_it_give(
+    client: TestClient, settings: Settings, data: bytes, fields: dict[str, str]
+) -> None:
+    """The file is parsed while it arrives, assuming the fields sent after it are absent: whatever
+    they turn out to say, the answer is the one for fields sent first (a pre-parsed form)."""
+    body, headers = _file_first(data, **fields, name="late")
+    late = client.post("/datasets", content=body, headers=headers)
+    early = client.post("/datasets", data={"name": "late", **fields}, files={"file": ("c.csv", data, "text/csv")})
+    assert late.status_code == early.status_code, (late.text, early.text)
+    if early.status_code != 201:
+        assert late.json()["error"]["message"] == early.json()["error"]["message"]
+    else:
+        ours, theirs = late.json(), early.json()
+        assert ours["columns"] == theirs["columns"] and ours["key_column"] == theirs["key_column"]
+        rows = [client.get(f"/datasets/{d['id']}/rows").json()["rows"] for d in (ours, theirs)]
+        assert rows[0] == rows[1]
     assert leftovers(settings) == []
 
 

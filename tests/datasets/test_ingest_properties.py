@@ -169,6 +169,10 @@ def test_streaming_ingest_equals_the_original_parser(tmp_path: Path, case: tuple
         (b'a,b\n"k1",1\n"k2",2\n', None),  # quoted keys, as pyarrow and R write them
         (b'a,b\n"x\ny",1\n"k2",2\n', None),  # a line break inside quotes
         (b'a,b\nab",1\n"x\ny",2\n', None),  # a stray quote pairs with the next field's
+        # line breaks inside quotes across pyarrow's block ends (its fast block split is undone)
+        (b"a,b\n" + b'"x\ny",1\n' * 60, None),
+        (b"a,b\n" + b'7,"p\r\nq"\r\n' * 50, None),
+        (b"k,b\n" + b"".join(b'"k%d",' % i + (b'"\n%d"\n' % i if i % 7 == 0 else b"%d\n" % i) for i in range(80)), "k"),
         (b'a,b\n"ab"c,1\n"7"8,2\n', None),
         (b"a,b\n" + b"1,2\n" * 40 + b'"' + b"x\n" * 90 + b'",3\n' + b"4,5\n" * 40, None),  # cut inside quotes
         (b"a,b\n" + b"1,2\n" * 40 + b'7,"x\n' + b"y\n" * 90, None),  # ends inside quotes
