@@ -65,8 +65,8 @@ _NUMBER = re.compile(f"^{NUMBER_PATTERN}$")
 _INTEGER = re.compile(_INTEGER_RE2)
 _NON_FINITE = re.compile(_NON_FINITE_RE2)
 _INT64_LIMIT = 2**53
-BLOCK_BYTES = 4 << 20  # pyarrow parses blocks of this size, one per thread
-PIECE_BYTES = 8 << 20  # the file is read in pieces of this size (at least two blocks)
+BLOCK_BYTES = 4 << 20  # pyarrow's streaming reader parses blocks of this size
+PIECE_BYTES = 4 << 20  # the file is read in pieces of this size, each parsed as one block
 PARSERS = 2  # pieces parsed at once, each on a thread of its own
 PROBE_ROWS = 2000  # column types are assumed from this many first rows
 WRITES_IN_FLIGHT = 2  # row groups queued for the writer thread before the parser waits
@@ -762,7 +762,7 @@ def arrow_pieces(
         # own split of a piece into blocks costs a quarter of the parse), PARSERS pieces ahead.
         parsers = ThreadPoolExecutor(PARSERS, thread_name_prefix="csv-parse")
         try:
-            source = _pieces(path, max(PIECE_BYTES, 2 * block_bytes))
+            source = _pieces(path, max(PIECE_BYTES, block_bytes))
             ahead: deque[tuple[Future[pa.Table], memoryview, bool, bool, bool]] = deque()
             consumed = 0
             while True:
