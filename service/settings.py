@@ -59,7 +59,9 @@ class Settings(BaseSettings):
         default=256,
         ge=16,
         description="Memory, in MiB, the columnar engine (DuckDB) may use for one derive; beyond it, it spills to "
-        "files under the artifact directory's `work/` folder.",
+        "files under the artifact directory's `work/` folder. Also the most a join may hold in arrays of row "
+        "positions and of the other side's columns (one at a time); a join that would need more is done by "
+        "DuckDB's hash join instead (same result, slower).",
     )
     # Ceilings on a derived dataset's recipe (a DAG of the datasets it reads, each stored once); a
     # derive above one is refused with 400 before any data is read.
