@@ -1,56 +1,14 @@
-"""One error hierarchy, mapped to HTTP in one place.
+"""One error hierarchy for the whole service, free of any framework.
 
-Domain code raises an :class:`AppError` subclass; :func:`install_error_handlers` turns it, and the
-framework's own errors (validation, unknown route, body too large, database down), into the single
-JSON shape ``{"error": {"code", "message", "details", "request_id"}}``.
-
-Two kinds of failure are not the server's:
-
-* a client that goes away before sending its whole body (or is cut off by the body timeout of
-  ``service.http_limits``) is logged at INFO and counted as 499 (408 when timed out), without a
-  traceback; nobody is left to read an answer;
-* an ``OverflowError`` (a number beyond the range of a float or a 64-bit integer reaching
-  arithmetic or the database) is a 400 ``invalid_input``, logged as a warning with where it
-  happened, never a 500.
-
-Every line logged here carries the request id, also for errors answered outside the middleware
-that sets it (Starlette's ``ServerErrorMiddleware`` wraps everything).
+Domain code, the engine's callers, storage and the workers raise an :class:`AppError` subclass;
+each carries the HTTP status and the stable ``code`` clients see. The web layer maps them (and the
+framework's own errors) to responses in one place: :mod:`service.http_errors`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import logging
-import traceback
 from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError, StatementError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
-
-from service.engine.errors import EngineInputError
-from service.request_context import (
-    CLIENT_TIMED_OUT,
-    current_request_id,
-    reset_request_id,
-    scope_request_id,
-    set_request_id,
-)
-
-log = logging.getLogger("centroid.errors")
-RETRY_AFTER_SECONDS = 5
-#: Status recorded (access log, metrics) for a request whose client went away before sending its
-#: whole body: nginx's "client closed request". Nothing is sent: the connection is gone.
-CLIENT_CLOSED_REQUEST = 499
-#: Status recorded when the server cut the request because its body did not arrive in time.
-REQUEST_TIMEOUT = 408
 
 
 class AppError(Exception):
@@ -126,7 +84,7 @@ class InsufficientStorage(AppError):
     code = "insufficient_storage"
 
 
-_HTTP_STATUS_TO_ERROR: dict[int, type[AppError]] = {
+ERROR_BY_STATUS: dict[int, type[AppError]] = {
     cls.status_code: cls
     for cls in (
         InvalidInput,
@@ -148,175 +106,3 @@ def storage_error(exc: OSError, what: str) -> AppError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorage(f"no space left in the artifact store while writing {what}")
     return ServiceUnavailable(f"the artifact store failed while writing {what}: {exc.strerror or exc}")
-
-
-def error_body(code: str, message: str, details: Any = None, request_id: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": code,
-            "message": message,
-            "details": jsonable_encoder(details),
-            "request_id": request_id or current_request_id(),
-        }
-    }
-
-
-def _client_disconnect(exc: Exception) -> ClientDisconnect | None:
-    """The client's disconnect behind ``exc``: raised by Starlette while reading the body, or wrapped
-    by FastAPI into a 400 "error parsing the body" when it parses the body itself."""
-    if isinstance(exc, ClientDisconnect):
-        return exc
-    if isinstance(exc, StarletteHTTPException) and isinstance(exc.__cause__, ClientDisconnect):
-        return exc.__cause__
-    return None
-
-
-def _overflow(exc: Exception) -> OverflowError | None:
-    """The ``OverflowError`` behind ``exc``: raised directly, or wrapped by SQLAlchemy when a driver
-    cannot bind a value (SQLite: "Python int too large to convert to SQLite INTEGER")."""
-    if isinstance(exc, OverflowError):
-        return exc
-    if isinstance(exc, StatementError) and isinstance(exc.orig, OverflowError):
-        return exc.orig
-    return None
-
-
-def _where(exc: BaseException) -> str:
-    """``file:line in function`` of the frame that raised ``exc`` (for a log line without a traceback)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "unknown"
-    frame = frames[-1]
-    return f"{frame.filename}:{frame.lineno} in {frame.name}"
-
-
-def _as_app_error(exc: Exception) -> AppError:
-    """Map any exception reaching the edge onto the hierarchy."""
-    if isinstance(exc, AppError):
-        return exc
-    overflow = _overflow(exc)
-    if overflow is not None:
-        return InvalidInput(
-            "a number in the request is too large to be used (beyond the range of a 64-bit float or integer)",
-            details={"reason": str(overflow)},
-        )
-    if isinstance(exc, RequestValidationError):
-        details = [
-            {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-            for err in exc.errors()
-        ]
-        return RequestValidationFailed("the request does not match the API schema", details=details)
-    if isinstance(exc, StarletteHTTPException):
-        cls = _HTTP_STATUS_TO_ERROR.get(exc.status_code, AppError)
-        error = cls(str(exc.detail))
-        if cls is AppError:
-            error.status_code = exc.status_code
-            error.code = "http_error"
-        return error
-    if isinstance(exc, EngineInputError):  # data the engine cannot use, e.g. values whose squares overflow
-        return InvalidInput(str(exc))
-    if isinstance(exc, DataError):  # e.g. PostgreSQL refusing a NUL character in a name or path parameter
-        return InvalidInput("the request holds a value the database cannot store or compare (e.g. a NUL character)")
-    if isinstance(exc, OperationalError | PoolTimeoutError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    ):
-        return ServiceUnavailable("the database is unavailable or busy; retry shortly")
-    return AppError("internal server error")
-
-
-async def handle_error(request: Request, exc: Exception) -> Response:
-    """The one handler: every error leaves the service through here."""
-    # Unhandled errors are answered outside the request-id middleware, which has reset the id by
-    # then: take it from the scope, and set it again while logging so the log lines carry it.
-    outside = current_request_id() is None
-    request_id = scope_request_id(request.scope) if outside else current_request_id()
-    token = set_request_id(request_id) if outside and request_id else None
-    try:
-        if _client_disconnect(exc) is not None:
-            return _client_gone(request)
-        return _error_response(request, exc, request_id, outside)
-    finally:
-        if token is not None:
-            reset_request_id(token)
-        if outside:  # Starlette re-raises it to the server after this answer: dealt with here
-            _mark_logged(exc)
-
-
-def _client_gone(request: Request) -> Response:
-    """The client closed the connection (or was cut off) before sending its whole body: not a server
-    error. The status only reaches the access log and the metrics; the response is never sent."""
-    if request.scope.get("state", {}).get(CLIENT_TIMED_OUT):
-        return Response(status_code=REQUEST_TIMEOUT)  # service.http_limits logged it and answered the client
-    log.info(
-        "client disconnected before sending the whole request body: %s %s",
-        request.method,
-        request.scope.get("path", ""),
-        extra={"status": CLIENT_CLOSED_REQUEST},
-    )
-    return Response(status_code=CLIENT_CLOSED_REQUEST)
-
-
-def _error_response(request: Request, exc: Exception, request_id: str | None, outside: bool) -> JSONResponse:
-    error = _as_app_error(exc)
-    method, path = request.method, request.scope.get("path", "")
-    if error.status_code >= 500:
-        log.error(
-            "request failed: %s %s: %s",
-            method,
-            path,
-            error.message,
-            exc_info=exc if error is not exc else None,
-        )
-    elif _overflow(exc) is not None:
-        log.warning("number out of range in %s %s (400): %s at %s", method, path, exc, _where(exc))
-    headers = dict(getattr(exc, "headers", None) or {})
-    if request_id and outside:
-        headers["x-request-id"] = request_id
-    if error.status_code == 503:
-        headers.setdefault("retry-after", str(RETRY_AFTER_SECONDS))
-    return JSONResponse(
-        status_code=error.status_code,
-        content=error_body(error.code, error.message, error.details, request_id),
-        headers=headers,
-    )
-
-
-_LOGGED = "_centroid_logged"
-
-
-def _mark_logged(exc: BaseException) -> None:
-    """Remember that :func:`handle_error` answered ``exc`` (and logged it, with the request id, if it
-    was a server error)."""
-    with contextlib.suppress(AttributeError):  # a type without a __dict__: uvicorn logs it once more
-        setattr(exc, _LOGGED, True)
-
-
-class _AlreadyLogged(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" line for an exception :func:`handle_error`
-    already answered (and, for a 500, logged with its traceback and request id). Starlette's
-    ``ServerErrorMiddleware`` re-raises after answering, so the server would log it again, without
-    the request id."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not getattr(exc, _LOGGED, False)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    # Every type but ``Exception`` is answered inside the middleware stack (request id set, the
-    # answer's status counted); ``Exception`` is Starlette's last resort, outside it.
-    for exc_type in (
-        AppError,
-        RequestValidationError,
-        StarletteHTTPException,
-        StatementError,  # DBAPIError and the errors a driver raised while binding a value
-        PoolTimeoutError,
-        EngineInputError,
-        OverflowError,
-        ClientDisconnect,
-        Exception,
-    ):
-        app.add_exception_handler(exc_type, handle_error)
-    server_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(existing, _AlreadyLogged) for existing in server_log.filters):
-        server_log.addFilter(_AlreadyLogged())

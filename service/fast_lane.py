@@ -17,7 +17,7 @@ Everything else — an endpoint the catalog does not know yet, a large body (whi
 the event loop), a dataset prediction, an assignments cache miss, any other path — goes on to
 FastAPI unchanged (a body already read is handed on as it was received). The FastAPI routes stay
 the documented contract (OpenAPI) and the reference behaviour; errors raised here are answered by
-the same handler (:func:`service.errors.handle_error`) as everywhere else.
+the same handler (:func:`service.http_errors.handle_error`) as everywhere else.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.deps import AppState
 from service.endpoints.invocations import JSON, media_type, request_format, response_format
 from service.endpoints.router import INLINE_BODY_BYTES, parse_prediction_request
-from service.errors import UnsupportedMediaType, handle_error
+from service.errors import UnsupportedMediaType
 from service.health import ALIVE_BODY
 from service.http_cache import etag_matches, if_none_match, not_modified
+from service.http_errors import handle_error
 from service.models.router import assignments_query
 
 _HEALTHZ = "/healthz"

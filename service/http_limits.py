@@ -19,7 +19,7 @@ a microsecond per request) with three bounds, all configurable (see ``service.se
   the application has not consumed what it has (flow control), or has not yet asked for a body the
   client holds back until ``100 Continue``, does not count. When it runs out,
   ``408`` (unless a response has started) and the connection is closed; the application sees a
-  client disconnect (``service.errors`` answers it as 408 in the access log and metrics).
+  client disconnect (``service.http_errors`` answers it as 408 in the access log and metrics).
 
 The timers cost one ``call_later`` per connection and none per request whose headers and body
 arrive in the same read, which is the common case on the hot paths.
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.errors import error_body
+from service.http_errors import error_body
 from service.request_context import CLIENT_TIMED_OUT, scope_request_id
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ from service.deps import AppState
 from service.endpoints import router as endpoints_router
 from service.endpoints.cache import ModelCache, ServingCatalog
 from service.endpoints.serving import ServingService
-from service.errors import install_error_handlers
 from service.fast_lane import FastLane
 from service.http_cache import RenderedCache
+from service.http_errors import install_error_handlers
 from service.jobs import router as jobs_router
 from service.logging_setup import configure_logging
 from service.metrics import Metrics

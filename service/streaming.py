@@ -46,7 +46,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from service.engine.errors import EngineInputError
-from service.errors import AppError, NotAcceptable, PayloadTooLarge, error_body, storage_error
+from service.errors import AppError, NotAcceptable, PayloadTooLarge, storage_error
+from service.http_errors import error_body
 
 log = logging.getLogger("centroid.streaming")
 

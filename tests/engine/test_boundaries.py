@@ -54,3 +54,17 @@ def test_public_api() -> None:
     assert expected <= set(engine.__all__)
     assert all(hasattr(engine, name) for name in engine.__all__)
     assert isinstance(engine.ENGINE_VERSION, str) and engine.ENGINE_VERSION.count(".") == 2
+
+
+def test_the_error_hierarchy_loads_no_framework() -> None:
+    """Storage, transforms, parsers and workers raise service.errors' classes: importing them (in a
+    fresh interpreter, so nothing else has loaded them yet) loads no web or database framework."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, service.errors; "
+        "print(sorted(m for m in ('fastapi', 'starlette', 'sqlalchemy') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

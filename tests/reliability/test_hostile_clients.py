@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import StatementError
 
 from service.engine.mxnet_format import MODEL_MEMBER, NDArrayList, write_ndarray_list
-from service.errors import _AlreadyLogged, _mark_logged
+from service.http_errors import _AlreadyLogged, _mark_logged
 from service.logging_setup import JsonFormatter
 from service.main import create_app
 from service.settings import Settings
