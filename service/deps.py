@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service.backends import BackendRegistry
+from service.backends.registry import BackendRegistry
 from service.db.session import Database
 from service.endpoints.cache import ModelCache, ServingCatalog
 from service.endpoints.serving import ServingService

@@ -10,8 +10,10 @@ from fastapi import FastAPI
 
 from service import health
 from service.auth import Authenticator
-from service.backends import build_backends
 from service.backends import router as backends_router
+from service.backends.local import LocalBackend
+from service.backends.registry import BackendRegistry
+from service.backends.sagemaker import SageMakerBackend
 from service.datasets import router as datasets_router
 from service.datasets.service import sweep_orphan_files
 from service.db.migrate import upgrade_to_head
@@ -76,6 +78,11 @@ def start_up(state: AppState) -> None:
         sweep_orphan_artifacts(session, state.store, grace)
 
 
+def build_backends(settings: Settings) -> BackendRegistry:
+    """Every backend is listed; ``ensure_configured`` decides whether jobs and endpoints may use it."""
+    return BackendRegistry([LocalBackend(), SageMakerBackend(settings)])
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -86,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         start_up(state)
         state.catalog.start()
         from service.process_role import ElectedWorker  # one embedded worker per data dir (serve --workers N)
+
         worker = ElectedWorker(settings.data_dir, EmbeddedWorker(state)) if settings.embedded_worker else None
         if worker is not None:
             worker.start()

@@ -1,39 +1,6 @@
-"""Training/serving backends behind one interface (see :mod:`service.backends.base`)."""
+"""Training/serving backends behind one interface (see :mod:`service.backends.base`).
 
-from __future__ import annotations
-
-from service.backends.base import Backend, BackendNotConfigured
-from service.backends.local import LocalBackend
-from service.backends.sagemaker import SageMakerBackend
-from service.errors import InvalidInput
-from service.settings import Settings
-
-
-class BackendRegistry:
-    """The backends this process can use, by name."""
-
-    def __init__(self, backends: list[Backend]) -> None:
-        self._backends = {backend.name: backend for backend in backends}
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._backends.values())
-
-    def get(self, name: str) -> Backend:
-        backend = self._backends.get(name)
-        if backend is None:
-            raise InvalidInput(f"backend {name!r} is not available in this deployment")
-        return backend
-
-    def usable(self, name: str) -> Backend:
-        """The backend, or a 400 that says what configuration is missing."""
-        backend = self.get(name)
-        try:
-            backend.ensure_configured()
-        except BackendNotConfigured as exc:
-            raise InvalidInput(f"backend {name!r} is not configured: {exc}", details={"backend": name}) from exc
-        return backend
-
-
-def build_backends(settings: Settings) -> BackendRegistry:
-    """Every backend is listed; ``ensure_configured`` decides whether jobs and endpoints may use it."""
-    return BackendRegistry([LocalBackend(), SageMakerBackend(settings)])
+Nothing is imported here: the interface (:mod:`~service.backends.base`) and the registry
+(:mod:`~service.backends.registry`) load no backend, so importing them does not load boto3; the
+backends themselves are put together in :func:`service.main.build_backends`.
+"""

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas.endpoints import EndpointCreate, PredictionRequest
-from service.backends import BackendRegistry
+from service.backends.registry import BackendRegistry
 from service.datasets.repository import DatasetRepository
 from service.datasets.service import WORK_PREFIX
 from service.db.changes import announce_work, bump_serving, work_committed

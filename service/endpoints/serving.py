@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from schemas.endpoints import PredictionRequest
-from service.backends import BackendRegistry
+from service.backends.registry import BackendRegistry
 from service.datasets.online import (
     CompiledRecipe,
     NotCompilable,

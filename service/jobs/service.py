@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas.jobs import Progress, TrainingJob, TrainingJobCreate
-from service.backends import BackendRegistry
+from service.backends.registry import BackendRegistry
 from service.datasets.repository import DatasetRepository
 from service.db.changes import announce_work, work_committed
 from service.db.session import rows_affected
