@@ -56,15 +56,24 @@ def test_public_api() -> None:
     assert isinstance(engine.ENGINE_VERSION, str) and engine.ENGINE_VERSION.count(".") == 2
 
 
-def test_the_error_hierarchy_loads_no_framework() -> None:
-    """Storage, transforms, parsers and workers raise service.errors' classes: importing them (in a
-    fresh interpreter, so nothing else has loaded them yet) loads no web or database framework."""
+def _loaded_by(module: str, candidates: tuple[str, ...]) -> list[str]:
+    """Which of ``candidates`` importing ``module`` loads, in a fresh interpreter (nothing else has
+    loaded them yet)."""
     import subprocess
     import sys
 
-    probe = (
-        "import sys, service.errors; "
-        "print(sorted(m for m in ('fastapi', 'starlette', 'sqlalchemy') if m in sys.modules))"
-    )
+    probe = f"import sys, {module}; print(sorted(m for m in {candidates!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "[]"
+    return ast.literal_eval(loaded.strip())  # type: ignore[no-any-return]
+
+
+def test_the_error_hierarchy_loads_no_framework() -> None:
+    """Storage, transforms, parsers and workers raise service.errors' classes."""
+    assert _loaded_by("service.errors", ("fastapi", "starlette", "sqlalchemy")) == []
+
+
+def test_the_backend_interface_loads_no_backend() -> None:
+    """The interface and the registry are imported by services and the app's state; the SageMaker
+    backend (boto3) is loaded only where the backends are put together (service.main)."""
+    for module in ("service.backends", "service.backends.base", "service.backends.registry"):
+        assert _loaded_by(module, ("boto3", "botocore", "fastapi")) == [], module
