@@ -22,10 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import traceback
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError, StatementError
@@ -35,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service.engine.errors import EngineInputError
+from service.error_body import error_body
 from service.errors import (
     ERROR_BY_STATUS,
     AppError,
@@ -57,17 +56,6 @@ RETRY_AFTER_SECONDS = 5
 CLIENT_CLOSED_REQUEST = 499
 #: Status recorded when the server cut the request because its body did not arrive in time.
 REQUEST_TIMEOUT = 408
-
-
-def error_body(code: str, message: str, details: Any = None, request_id: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": code,
-            "message": message,
-            "details": jsonable_encoder(details),
-            "request_id": request_id or current_request_id(),
-        }
-    }
 
 
 def _client_disconnect(exc: Exception) -> ClientDisconnect | None:

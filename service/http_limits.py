@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.http_errors import error_body
+from service.error_body import error_body
 from service.request_context import CLIENT_TIMED_OUT, scope_request_id
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Authenticator
+from service.error_body import error_body
 from service.errors import Forbidden, Unauthorized
-from service.http_errors import error_body
 from service.logging_setup import AccessLog
 from service.metrics import Metrics
 from service.request_context import reset_request_id, set_request_id

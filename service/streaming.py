@@ -46,8 +46,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from service.engine.errors import EngineInputError
+from service.error_body import error_body
 from service.errors import AppError, NotAcceptable, PayloadTooLarge, storage_error
-from service.http_errors import error_body
 
 log = logging.getLogger("centroid.streaming")
 

@@ -458,7 +458,7 @@ class Worker:
 
     def _write_endpoint(self, endpoint: EndpointTable, spec: EndpointSpec, result: EndpointUpdate) -> None:
         with self.db.session() as session:
-            if result.status == "Deleted":
+            if result.gone:
                 session.execute(
                     delete(EndpointTable).where(
                         EndpointTable.name == endpoint.name, EndpointTable.lease_owner == self.id

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from service.engine import CenterIndex, KMeansHyperparameters, Prediction
+from service.statuses import EndpointStatus, JobStatus, SecondaryStatus
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,12 @@ class TrainedModel:
 
 @dataclass
 class TrainingUpdate:
-    """What the worker writes back to the job after one ``advance_training`` call."""
+    """What the worker writes back to the job after one ``advance_training`` call.
 
-    status: str
+    ``secondary_status`` is a :class:`SecondaryStatus`, or SageMaker's own finer value as it
+    reports it (``LaunchingMLInstances``, ``MaxRuntimeExceeded``, ...)."""
+
+    status: JobStatus
     secondary_status: str
     message: str | None = None
     failure_reason: str | None = None
@@ -71,6 +75,26 @@ class TrainingUpdate:
     transitions: list[dict[str, Any]] | None = None
     result: TrainedModel | None = None
     poll_after_seconds: float | None = None
+
+    @classmethod
+    def failed(cls, reason: str, **more: Any) -> TrainingUpdate:
+        """The job failed, for ``reason`` (shown to the user)."""
+        return cls(JobStatus.FAILED, SecondaryStatus.FAILED, failure_reason=reason, **more)
+
+    @classmethod
+    def stopped(cls, message: str = "stopped on request", **more: Any) -> TrainingUpdate:
+        """The job stopped as asked."""
+        return cls(JobStatus.STOPPED, SecondaryStatus.STOPPED, message=message, **more)
+
+    @classmethod
+    def completed(cls, result: TrainedModel, **more: Any) -> TrainingUpdate:
+        """The job finished with ``result``."""
+        return cls(JobStatus.COMPLETED, SecondaryStatus.COMPLETED, result=result, **more)
+
+    @classmethod
+    def running(cls, secondary_status: str, **more: Any) -> TrainingUpdate:
+        """The job runs (or is being started), at ``secondary_status``."""
+        return cls(JobStatus.IN_PROGRESS, secondary_status, **more)
 
 
 class TrainingHooks(Protocol):
@@ -106,10 +130,24 @@ class EndpointSpec:
 
 @dataclass
 class EndpointUpdate:
-    status: str
+    """What the worker writes back to the endpoint after one ``advance_endpoint`` or
+    ``delete_endpoint`` call; ``gone`` when a delete has finished (the row is then removed)."""
+
+    status: EndpointStatus
     failure_reason: str | None = None
     remote: dict[str, Any] = field(default_factory=dict)
     poll_after_seconds: float | None = None
+    gone: bool = False
+
+    @classmethod
+    def deleted(cls) -> EndpointUpdate:
+        """Nothing of the endpoint remains."""
+        return cls(EndpointStatus.DELETING, gone=True)
+
+    @classmethod
+    def failed(cls, reason: str, **more: Any) -> EndpointUpdate:
+        """The endpoint (or its change) failed, for ``reason``."""
+        return cls(EndpointStatus.FAILED, failure_reason=reason, **more)
 
 
 @dataclass(frozen=True)
@@ -128,6 +166,9 @@ class Backend(Protocol):
     """Train and serve k-means models somewhere."""
 
     name: str
+    #: Training runs inside the worker's process and holds it busy until done (the local engine);
+    #: otherwise it runs elsewhere and the worker only polls it (a remote service).
+    trains_in_process: ClassVar[bool]
 
     def status(self) -> BackendStatus:
         """Whether the backend can be used, without revealing secrets."""
@@ -150,7 +191,7 @@ class Backend(Protocol):
         ...
 
     def delete_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
-        """Tear an endpoint down; ``status`` "Deleted" when nothing remains."""
+        """Tear an endpoint down; :meth:`EndpointUpdate.deleted` when nothing remains."""
         ...
 
     def invoke(self, spec: EndpointSpec, features: np.ndarray) -> Prediction:

@@ -27,12 +27,14 @@ from service.engine import (
     read_model_tar,
     write_model_tar,
 )
+from service.statuses import EndpointStatus
 
 
 class LocalBackend:
     """No cloud account needed: the worker runs the engine, endpoints predict in-process."""
 
     name = "local"
+    trains_in_process = True
 
     def status(self) -> BackendStatus:
         return BackendStatus(self.name, True, "trains in the worker process and serves in the API process")
@@ -50,22 +52,12 @@ class LocalBackend:
             estimator.fit(train, test=test, progress=hooks.progress, should_stop=hooks.should_stop)
         except TrainingStopped as stopped:
             message = f"stopped after {stopped.points_processed} points"
-            return _timed(
-                TrainingUpdate(
-                    status="Stopped",
-                    secondary_status="Stopped",
-                    message=message,
-                    points_processed=stopped.points_processed,
-                ),
-                started,
-            )
+            return _timed(TrainingUpdate.stopped(message, points_processed=stopped.points_processed), started)
         except (EngineInputError, HyperparameterError) as exc:
-            return _timed(TrainingUpdate(status="Failed", secondary_status="Failed", failure_reason=str(exc)), started)
+            return _timed(TrainingUpdate.failed(str(exc)), started)
         centers = estimator.cluster_centers_
         metrics = estimator.metrics_
-        completed = TrainingUpdate(
-            status="Completed",
-            secondary_status="Completed",
+        completed = TrainingUpdate.completed(
             message="training job completed",
             result=TrainedModel(
                 centroids=centers,
@@ -87,16 +79,15 @@ class LocalBackend:
         try:
             centers = read_model_tar(spec.model.artifact())
         except (ModelFormatError, OSError) as exc:
-            return EndpointUpdate(status="Failed", failure_reason=f"model artifact unusable: {exc}")
+            return EndpointUpdate.failed(f"model artifact unusable: {exc}")
         if centers.shape != spec.model.centroids.shape:
-            return EndpointUpdate(
-                status="Failed",
-                failure_reason=f"model artifact holds {centers.shape} centroids, expected {spec.model.centroids.shape}",
+            return EndpointUpdate.failed(
+                f"model artifact holds {centers.shape} centroids, expected {spec.model.centroids.shape}"
             )
-        return EndpointUpdate(status="InService")
+        return EndpointUpdate(EndpointStatus.IN_SERVICE)
 
     def delete_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
-        return EndpointUpdate(status="Deleted")
+        return EndpointUpdate.deleted()
 
     def invoke(self, spec: EndpointSpec, features: np.ndarray) -> Prediction:
         """``features`` is a finite float64 matrix of the model's width (the serving path checks)."""

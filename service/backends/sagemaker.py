@@ -305,6 +305,7 @@ class SageMakerBackend:
     """Train with SageMaker's built-in KMeans and serve on SageMaker real-time endpoints."""
 
     name = NAME
+    trains_in_process = False
 
     def __init__(self, settings: Settings) -> None:
         """No network here: clients are created on first use, so an unconfigured backend costs nothing."""
@@ -903,7 +904,7 @@ class SageMakerBackend:
         described = self._describe_endpoint(target.endpoint)
         if described is not None and not self._owned(spec, str(described.get("EndpointConfigName", ""))):
             log.warning("SageMaker endpoint %s is not this Centroid's; leaving it alone", target.endpoint)
-            return EndpointUpdate(status="Deleted")
+            return EndpointUpdate.deleted()
         leftovers = self._leftovers(spec, target, described)
         if described is not None:
             if described["EndpointStatus"] != "Deleting":
@@ -918,7 +919,7 @@ class SageMakerBackend:
         for name in leftovers:
             self._delete_deployment(_Deployment(target.endpoint, name, name))
         log.info("deleted SageMaker endpoint", extra={"endpoint": target.endpoint})
-        return EndpointUpdate(status="Deleted")
+        return EndpointUpdate.deleted()
 
     def _leftovers(self, spec: EndpointSpec, target: _Deployment, described: dict[str, Any] | None) -> list[str]:
         """Every config/model name this endpoint may have created (each is both)."""
