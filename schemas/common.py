@@ -74,3 +74,10 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
         507: "No space left in the artifact store",
     }
     return {code: {"model": ErrorResponse, "description": descriptions.get(code, "Error")} for code in status_codes}
+
+
+class BackendInfo(BaseModel):
+    name: str = Field(examples=["local"])
+    configured: bool = Field(description="Whether jobs and endpoints can use it now.")
+    detail: str = Field(description="What is missing, or where it runs.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="Non-secret settings in effect.")

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
+from service.statuses import DatasetTaskStatus
+
 Dtype = Literal["int64", "float64", "string"]
 CellValue = StrictInt | StrictFloat | StrictStr | None
 Name = Annotated[
@@ -239,9 +241,6 @@ class DeriveRequest(BaseModel):
     steps: list[DeriveStep] = Field(min_length=1, max_length=100, description="Steps applied in order.")
 
     _check_name = field_validator("name")(_no_control_chars)
-
-
-DatasetTaskStatus = Literal["Pending", "InProgress", "Completed", "Failed"]
 
 
 class DatasetTaskProgress(BaseModel):

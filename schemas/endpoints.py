@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from schemas.jobs import BackendName, ResourceName
+from service.statuses import EndpointStatus
 
-EndpointStatus = Literal["Creating", "Updating", "InService", "Failed", "Deleting"]
 SORT_FIELDS = ("key", "cluster", "distance")
 
 

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobStatus = Literal["Pending", "InProgress", "Completed", "Failed", "Stopping", "Stopped"]
+from service.statuses import JobStatus
+
 BackendName = Literal["local", "sagemaker"]
 ResourceName = Annotated[
     str,

@@ -184,13 +184,13 @@ def _worker(_: argparse.Namespace) -> int:
     import signal
 
     from service.logging_setup import configure_logging
-    from service.main import build_state, start_up
     from service.settings import get_settings
+    from service.state import build_core, start_up
     from workers.worker import Worker
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    state = build_state(settings)
+    state = build_core(settings)
     start_up(state)
     worker = Worker(state)
     for signum in (signal.SIGTERM, signal.SIGINT):

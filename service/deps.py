@@ -10,29 +10,18 @@ from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service.backends.registry import BackendRegistry
-from service.db.session import Database
-from service.endpoints.cache import ModelCache, ServingCatalog
 from service.endpoints.serving import ServingService
 from service.http_cache import RenderedCache
-from service.metrics import Metrics
-from service.settings import Settings
-from service.storage import LocalArtifactStore
+from service.state import CoreState
 
 log = logging.getLogger("centroid.db")
 
 
 @dataclass
-class AppState:
-    """What the app holds for its lifetime; built once in :func:`service.main.create_app`."""
+class AppState(CoreState):
+    """What the app holds for its lifetime (the workers' :class:`CoreState` and what serving HTTP
+    needs); built once in :func:`service.main.create_app`."""
 
-    settings: Settings
-    database: Database
-    store: LocalArtifactStore
-    backends: BackendRegistry
-    model_cache: ModelCache
-    metrics: Metrics
-    catalog: ServingCatalog
     serving: ServingService
     rendered_reads: RenderedCache
 

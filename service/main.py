@@ -10,30 +10,21 @@ from fastapi import FastAPI
 
 from service import health
 from service.auth import Authenticator
-from service.backends import router as backends_router
-from service.backends.local import LocalBackend
-from service.backends.registry import BackendRegistry
-from service.backends.sagemaker import SageMakerBackend
 from service.datasets import router as datasets_router
-from service.datasets.service import sweep_orphan_files
-from service.db.migrate import upgrade_to_head
-from service.db.session import Database
 from service.deps import AppState
 from service.endpoints import router as endpoints_router
-from service.endpoints.cache import ModelCache, ServingCatalog
 from service.endpoints.serving import ServingService
 from service.fast_lane import FastLane
 from service.http_cache import RenderedCache
 from service.http_errors import install_error_handlers
 from service.jobs import router as jobs_router
 from service.logging_setup import configure_logging
-from service.metrics import Metrics
 from service.middleware import EdgeMiddleware
 from service.models import router as models_router
-from service.models.service import sweep_orphan_artifacts
 from service.openapi import build_openapi
+from service.operations import router as operations_router
 from service.settings import Settings, get_settings
-from service.storage import LocalArtifactStore
+from service.state import build_core, start_up
 from workers.worker import EmbeddedWorker
 
 log = logging.getLogger("centroid")
@@ -48,39 +39,12 @@ Every error has the body `{"error": {"code", "message", "details", "request_id"}
 
 
 def build_state(settings: Settings) -> AppState:
-    database = Database(settings.resolved_database_url)
-    store = LocalArtifactStore(settings.resolved_artifact_dir)
-    backends = build_backends(settings)
-    model_cache = ModelCache()
-    metrics = Metrics(database, worker_expiry_seconds=settings.resolved_worker_expiry_seconds)
-    catalog = ServingCatalog(database, store, model_cache, settings.serving_refresh_seconds)
+    core = build_core(settings)
     return AppState(
-        settings=settings,
-        database=database,
-        store=store,
-        backends=backends,
-        model_cache=model_cache,
-        metrics=metrics,
-        catalog=catalog,
-        serving=ServingService(catalog, backends, settings, metrics, database),
+        **vars(core),
+        serving=ServingService(core.catalog, core.backends, settings, core.metrics, core.database),
         rendered_reads=RenderedCache(),
     )
-
-
-def start_up(state: AppState) -> None:
-    """Prepare storage and schema, and remove what a crashed process may have left behind."""
-    state.settings.data_dir.mkdir(parents=True, exist_ok=True)
-    state.store.ensure_root()
-    upgrade_to_head(state.database.engine)
-    with state.database.session() as session:
-        grace = state.settings.orphan_grace_seconds
-        sweep_orphan_files(session, state.store, grace)
-        sweep_orphan_artifacts(session, state.store, grace)
-
-
-def build_backends(settings: Settings) -> BackendRegistry:
-    """Every backend is listed; ``ensure_configured`` decides whether jobs and endpoints may use it."""
-    return BackendRegistry([LocalBackend(), SageMakerBackend(settings)])
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -140,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets_router.router)
     app.include_router(datasets_router.tasks_router)
     app.include_router(jobs_router.router)
-    app.include_router(backends_router.router)
+    app.include_router(operations_router.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
 

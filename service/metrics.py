@@ -27,10 +27,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from service.db.session import Database
 from service.db.tables import EndpointTable, TrainingJobTable, WorkerTable
 from service.db.types import utcnow
+from service.statuses import EndpointStatus, JobStatus
 
 TRAINING_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
-JOB_STATUSES = ("Pending", "InProgress", "Completed", "Failed", "Stopping", "Stopped")
-ENDPOINT_STATUSES = ("Creating", "Updating", "InService", "Failed", "Deleting")
+JOB_STATUSES = tuple(JobStatus)
+ENDPOINT_STATUSES = tuple(EndpointStatus)
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Workers whose heartbeat is older are dead and not counted (the default of
 # ``Settings.resolved_worker_expiry_seconds``: 3 x the default 60 s lease).
@@ -127,7 +128,7 @@ class DatabaseCollector(Collector):
                 )
                 durations = session.scalars(
                     select(TrainingJobTable.training_seconds).where(
-                        TrainingJobTable.status == "Completed", TrainingJobTable.training_seconds.is_not(None)
+                        TrainingJobTable.status == JobStatus.COMPLETED, TrainingJobTable.training_seconds.is_not(None)
                     )
                 ).all()
                 alive_since = utcnow() - timedelta(seconds=self.worker_expiry_seconds)

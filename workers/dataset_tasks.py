@@ -26,8 +26,8 @@ from service.datasets.service import TaskLeaseLost, build_dataset_service
 from service.datasets.task_repository import COMPLETED, FAILED, IN_PROGRESS, DatasetTaskRepository
 from service.db.tables import DatasetTaskTable
 from service.db.types import utcnow
-from service.deps import AppState
 from service.errors import AppError
+from service.state import CoreState
 
 log = logging.getLogger("centroid.worker")
 
@@ -36,7 +36,7 @@ PROGRESS_SECONDS = 1.0  # how often a running task's progress is written (and it
 
 
 class DatasetTaskDriver:
-    def __init__(self, state: AppState, worker_id: str, presence: Callable[[], None]) -> None:
+    def __init__(self, state: CoreState, worker_id: str, presence: Callable[[], None]) -> None:
         self.state = state
         self.settings = state.settings
         self.db = state.database

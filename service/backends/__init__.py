@@ -2,5 +2,5 @@
 
 Nothing is imported here: the interface (:mod:`~service.backends.base`) and the registry
 (:mod:`~service.backends.registry`) load no backend, so importing them does not load boto3; the
-backends themselves are put together in :func:`service.main.build_backends`.
+backends themselves are put together in :func:`service.state.build_backends`.
 """

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -168,7 +168,7 @@ class Backend(Protocol):
     name: str
     #: Training runs inside the worker's process and holds it busy until done (the local engine);
     #: otherwise it runs elsewhere and the worker only polls it (a remote service).
-    trains_in_process: ClassVar[bool]
+    trains_in_process: bool
 
     def status(self) -> BackendStatus:
         """Whether the backend can be used, without revealing secrets."""

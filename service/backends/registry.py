@@ -1,5 +1,5 @@
 """The backends a process can use, by name (built where the app and the worker are assembled:
-:func:`service.main.build_backends`)."""
+:func:`service.state.build_backends`)."""
 
 from __future__ import annotations
 

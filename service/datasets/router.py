@@ -384,7 +384,7 @@ def delete_dataset(dataset_id: str, service: Service) -> Response:
 
 
 def task_view(task: DatasetTaskTable) -> DatasetTask:
-    done = task.status == "Completed"
+    done = task.status == DatasetTaskStatus.COMPLETED
     return DatasetTask.model_validate(
         {
             "id": task.id,

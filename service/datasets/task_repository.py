@@ -12,8 +12,10 @@ from service.db.pagination import paginate
 from service.db.tables import DatasetTaskTable
 from service.db.types import utcnow
 from service.errors import NotFound
+from service.statuses import DatasetTaskStatus
 
-PENDING, IN_PROGRESS, COMPLETED, FAILED = "Pending", "InProgress", "Completed", "Failed"
+PENDING, IN_PROGRESS = DatasetTaskStatus.PENDING, DatasetTaskStatus.IN_PROGRESS
+COMPLETED, FAILED = DatasetTaskStatus.COMPLETED, DatasetTaskStatus.FAILED
 ACTIVE_STATUSES = (PENDING, IN_PROGRESS)
 UPLOADS_PREFIX = "uploads"  # an async upload's CSV waits here, named after its task, until the task ends
 

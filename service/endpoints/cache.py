@@ -37,10 +37,11 @@ from service.db.changes import serving_generation
 from service.db.session import Database
 from service.db.tables import EndpointTable, ModelTable
 from service.models.service import served_model
+from service.statuses import EndpointStatus
 from service.storage import LocalArtifactStore
 
 log = logging.getLogger("centroid.serving")
-SERVING = ("InService", "Updating")
+SERVING = (EndpointStatus.IN_SERVICE, EndpointStatus.UPDATING)
 STALENESS_BOUND_SECONDS = 1.0
 
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, delete, select
 from sqlalchemy.orm import Session
 
 from service.db import leases
 from service.db.pagination import paginate
+from service.db.session import rows_affected
 from service.db.tables import EndpointTable
 from service.db.types import utcnow
 from service.errors import NotFound
+from service.statuses import EndpointStatus
 
-TRANSITIONAL = ("Creating", "Updating", "Deleting")
-SERVING = ("InService", "Updating")
+TRANSITIONAL = tuple(status for status in EndpointStatus if status.busy)
+SERVING = (EndpointStatus.IN_SERVICE, EndpointStatus.UPDATING)
 
 
 class EndpointRepository:
@@ -85,4 +87,16 @@ class EndpointRepository:
     def guarded_update(self, name: str, worker_id: str, values: dict[str, Any]) -> bool:
         return leases.guarded_update(
             self.session, EndpointTable.name, name, worker_id, {**values, "updated_at": utcnow()}
+        )
+
+    def delete_owned(self, name: str, worker_id: str) -> bool:
+        """Remove an endpoint whose delete has finished, while ``worker_id`` holds its lease; the
+        caller commits."""
+        return (
+            rows_affected(
+                self.session.execute(
+                    delete(EndpointTable).where(EndpointTable.name == name, EndpointTable.lease_owner == worker_id)
+                )
+            )
+            > 0
         )

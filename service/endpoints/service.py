@@ -24,6 +24,7 @@ from service.engine.predict import euclidean_distances
 from service.errors import Conflict, InvalidInput, PayloadTooLarge
 from service.models.repository import ModelRepository
 from service.models.service import DatasetReader, RawBatch, batch_rows, rendered
+from service.statuses import EndpointStatus
 from service.storage import LocalArtifactStore
 from service.streaming import (
     CSV,
@@ -81,7 +82,7 @@ class EndpointService:
             name=request.name,
             backend=request.backend,
             model_id=request.model_id,
-            status="Creating",
+            status=EndpointStatus.CREATING,
             instance_config=instance_config,
             remote={},
         )
@@ -120,7 +121,7 @@ class EndpointService:
         """
         row = self.endpoints.get_for_update(name)
         new_model = self.models.get(model_id)
-        if row.status not in ("InService", "Failed"):
+        if row.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.FAILED):
             raise Conflict(
                 f"endpoint {name!r} is {row.status}; wait until it is InService", details={"status": row.status}
             )
@@ -128,10 +129,10 @@ class EndpointService:
             self._refuse_feature_change(row, new_model)
         if not self.models.lock(model_id, exclusive=False):
             raise model_deleted(model_id, f"endpoint {name!r} was being switched to it")
-        if row.status == "Failed":
-            row.model_id, row.pending_model_id, row.status = model_id, None, "Creating"
+        if row.status == EndpointStatus.FAILED:
+            row.model_id, row.pending_model_id, row.status = model_id, None, EndpointStatus.CREATING
         else:
-            row.pending_model_id, row.status = model_id, "Updating"
+            row.pending_model_id, row.status = model_id, EndpointStatus.UPDATING
         row.failure_reason = None
         row.updated_at = utcnow()
         row.next_poll_at = None
@@ -164,8 +165,8 @@ class EndpointService:
 
     def delete(self, name: str) -> EndpointTable:
         row = self.endpoints.get(name)
-        if row.status != "Deleting":
-            row.status, row.updated_at, row.next_poll_at = "Deleting", utcnow(), None
+        if row.status != EndpointStatus.DELETING:
+            row.status, row.updated_at, row.next_poll_at = EndpointStatus.DELETING, utcnow(), None
             bump_serving(self.session)
             announce_work(self.session)
             self.session.commit()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import leases
 from service.db.pagination import paginate
-from service.db.tables import TrainingJobTable
+from service.db.session import rows_affected
+from service.db.tables import ModelTable, TrainingJobTable
 from service.db.types import utcnow
 from service.errors import NotFound
+from service.statuses import JobStatus, SecondaryStatus
 
-ACTIVE_STATUSES = ("Pending", "InProgress", "Stopping")
-FINAL_STATUSES = ("Completed", "Failed", "Stopped")
+ACTIVE_STATUSES = tuple(status for status in JobStatus if status.active)
+FINAL_STATUSES = tuple(status for status in JobStatus if status.terminal)
 
 
 class JobRepository:
@@ -88,3 +90,72 @@ class JobRepository:
     def guarded_update(self, name: str, worker_id: str, values: dict[str, Any]) -> bool:
         """Write ``values`` only while ``worker_id`` holds the lease; the caller commits."""
         return leases.guarded_update(self.session, TrainingJobTable.name, name, worker_id, values)
+
+    def stop_if_unclaimed(self, job: TrainingJobTable, message: str, transitions: list[dict[str, Any]]) -> bool:
+        """Stop a Pending job no worker holds, at once; False when it was claimed (or moved on)."""
+        return (
+            rows_affected(
+                self.session.execute(
+                    update(TrainingJobTable)
+                    .where(
+                        TrainingJobTable.name == job.name,
+                        TrainingJobTable.status == JobStatus.PENDING,
+                        TrainingJobTable.lease_owner.is_(None),
+                    )
+                    .values(
+                        status=JobStatus.STOPPED,
+                        secondary_status=SecondaryStatus.STOPPED,
+                        status_message=message,
+                        stop_requested=True,
+                        ended_at=utcnow(),
+                        status_transitions=transitions,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            > 0
+        )
+
+    def request_stop(self, name: str) -> None:
+        """Ask the worker holding an active job to stop it (Stopping until it has)."""
+        self.session.execute(
+            update(TrainingJobTable)
+            .where(TrainingJobTable.name == name, TrainingJobTable.status.in_(ACTIVE_STATUSES))
+            .values(
+                status=JobStatus.STOPPING,
+                secondary_status=SecondaryStatus.STOPPING,
+                stop_requested=True,
+                next_poll_at=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+    def delete_ended(self, name: str) -> bool:
+        """Delete a job that has ended, leaving its model (which forgets the job's name); False
+        when no ended job of that name remains. The caller commits."""
+        self.session.execute(
+            update(ModelTable)
+            .where(ModelTable.training_job_name == name)
+            .values(training_job_name=None)
+            .execution_options(synchronize_session=False)
+        )
+        return (
+            rows_affected(
+                self.session.execute(
+                    delete(TrainingJobTable)
+                    .where(TrainingJobTable.name == name, TrainingJobTable.status.in_(FINAL_STATUSES))
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            > 0
+        )
+
+    def finish_with_model(self, name: str, worker_id: str, values: dict[str, Any], model_id: str) -> bool:
+        """Write a completed job's ``values`` and its model, while ``worker_id`` holds the lease."""
+        return self.guarded_update(name, worker_id, {**values, "model_id": model_id})
+
+    def forget_model(self, model_id: str) -> None:
+        """The model is being deleted: the jobs that trained it keep no reference."""
+        self.session.execute(
+            update(TrainingJobTable).where(TrainingJobTable.model_id == model_id).values(model_id=None)
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow.parquet as pq
-from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -13,13 +12,13 @@ from schemas.jobs import Progress, TrainingJob, TrainingJobCreate
 from service.backends.registry import BackendRegistry
 from service.datasets.repository import DatasetRepository
 from service.db.changes import announce_work, work_committed
-from service.db.session import rows_affected
-from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
+from service.db.tables import DatasetTable, TrainingJobTable
 from service.db.types import utcnow
 from service.engine import HyperparameterError, KMeansHyperparameters, ParameterProblem
 from service.errors import Conflict, InvalidInput, NotFound
 from service.jobs.repository import FINAL_STATUSES, JobRepository
 from service.settings import Settings
+from service.statuses import JobStatus, SecondaryStatus
 from service.storage import LocalArtifactStore
 
 NUMERIC_DTYPES = ("int64", "float64")
@@ -96,10 +95,10 @@ class JobService:
         row = TrainingJobTable(
             name=request.name,
             backend=request.backend,
-            status="Pending",
-            secondary_status="Starting",
+            status=JobStatus.PENDING,
+            secondary_status=SecondaryStatus.STARTING,
             status_message="waiting for a worker",
-            status_transitions=[transition("Starting", "waiting for a worker")],
+            status_transitions=[transition(SecondaryStatus.STARTING, "waiting for a worker")],
             train_dataset_id=train.id,
             test_dataset_id=test.id if test else None,
             feature_columns=features,
@@ -189,35 +188,10 @@ class JobService:
         job = self.jobs.get(name)
         if job.status in FINAL_STATUSES:
             raise Conflict(f"training job {name!r} is already {job.status}", details={"status": job.status})
-        now = utcnow()
-        stopped_now = rows_affected(
-            self.session.execute(
-                update(TrainingJobTable)
-                .where(
-                    TrainingJobTable.name == name,
-                    TrainingJobTable.status == "Pending",
-                    TrainingJobTable.lease_owner.is_(None),
-                )
-                .values(
-                    status="Stopped",
-                    secondary_status="Stopped",
-                    status_message="stopped before it started",
-                    stop_requested=True,
-                    ended_at=now,
-                    status_transitions=[*job.status_transitions, transition("Stopped", "stopped before it started")],
-                )
-                .execution_options(synchronize_session=False)
-            )
-        )
-        if not stopped_now:
-            self.session.execute(
-                update(TrainingJobTable)
-                .where(
-                    TrainingJobTable.name == name, TrainingJobTable.status.in_(("Pending", "InProgress", "Stopping"))
-                )
-                .values(status="Stopping", secondary_status="Stopping", stop_requested=True, next_poll_at=None)
-                .execution_options(synchronize_session=False)
-            )
+        message = "stopped before it started"
+        transitions = [*job.status_transitions, transition(SecondaryStatus.STOPPED, message)]
+        if not self.jobs.stop_if_unclaimed(job, message, transitions):
+            self.jobs.request_stop(name)
         announce_work(self.session)
         self.session.commit()
         self.session.refresh(job)  # the job as this request left it: a woken worker may stop it at once
@@ -238,19 +212,7 @@ class JobService:
                 f"(stop it first: POST /training-jobs/{name}/stop)",
                 details={"name": name, "status": job.status},
             )
-        self.session.execute(
-            update(ModelTable)
-            .where(ModelTable.training_job_name == name)
-            .values(training_job_name=None)
-            .execution_options(synchronize_session=False)
-        )
-        deleted = rows_affected(
-            self.session.execute(
-                delete(TrainingJobTable)
-                .where(TrainingJobTable.name == name, TrainingJobTable.status.in_(FINAL_STATUSES))
-                .execution_options(synchronize_session=False)
-            )
-        )
+        deleted = self.jobs.delete_ended(name)
         if not deleted:  # deleted meanwhile by another request (a final job never becomes active again)
             self.session.rollback()
             raise NotFound(f"training job {name!r} not found", details={"name": name})

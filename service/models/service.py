@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,12 +26,12 @@ from service.datasets.parsing import check_column_names, non_numeric_cells
 from service.datasets.repository import DatasetRepository
 from service.datasets.transforms import Table, column_lineage, replay, require_numeric, unscale_column
 from service.db.changes import bump_serving
-from service.db.session import rows_affected
 from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
 from service.engine import CenterIndex, ModelFormatError, read_model_tar
 from service.engine.mxnet_format import LIST_MAGIC, MAX_NDIM, MODEL_MEMBER, V1_MAGIC
 from service.errors import Conflict, InvalidInput, NotFound
 from service.ids import new_id
+from service.jobs.repository import JobRepository
 from service.models.repository import ModelRepository
 from service.storage import LocalArtifactStore
 from service.streaming import LineFormat, RowBatch, line_format, ordered_map, position_keys, stream_lines
@@ -112,14 +111,7 @@ class ModelService:
                 artifact_size=len(trained.artifact),
             )
             self.models.add(row)
-            owned = rows_affected(
-                self.session.execute(
-                    update(TrainingJobTable)
-                    .where(TrainingJobTable.name == job.name, TrainingJobTable.lease_owner == worker_id)
-                    .values(**job_values, model_id=model_id)
-                    .execution_options(synchronize_session=False)
-                )
-            )
+            owned = JobRepository(self.session).finish_with_model(job.name, worker_id, job_values, model_id)
             if not owned:
                 self.session.rollback()
                 return None
@@ -200,9 +192,7 @@ class ModelService:
             raise NotFound(f"model {model_id!r} not found", details={"model_id": model_id})
         self._refuse_if_deployed(model_id)
         try:
-            self.session.execute(
-                update(TrainingJobTable).where(TrainingJobTable.model_id == model_id).values(model_id=None)
-            )
+            JobRepository(self.session).forget_model(model_id)
             self.models.delete(row)
             bump_serving(self.session)  # every process drops its cached reads of this model
             self.session.commit()

@@ -1,4 +1,5 @@
-"""GET /backends: which backends exist and whether each is configured (no secrets)."""
+"""Operations routes beside health and metrics: ``GET /backends``, which backends exist and whether
+each is configured (no secrets)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
 
+from schemas.common import BackendInfo
 from service.deps import AppState, app_state
 
 router = APIRouter(tags=["operations"])
-
-
-class BackendInfo(BaseModel):
-    name: str = Field(examples=["local"])
-    configured: bool = Field(description="Whether jobs and endpoints can use it now.")
-    detail: str = Field(description="What is missing, or where it runs.")
-    settings: dict[str, Any] = Field(default_factory=dict, description="Non-secret settings in effect.")
 
 
 @router.get("/backends", response_model=list[BackendInfo], summary="Available training/serving backends")
