@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from service.backends import sagemaker as sagemaker_module
+from service.backends.sagemaker import s3 as sagemaker_module
 from service.engine import predict, write_model_tar
 from service.main import create_app
 from service.settings import Settings

@@ -1,0 +1,261 @@
+"""The training-job state machine: SageMaker's built-in KMeans, driven in short resumable steps.
+
+The first call streams the feature matrix from Parquet to S3 as headerless CSV and calls
+CreateTrainingJob; later calls poll DescribeTrainingJob and mirror it. On Completed the model
+artifact is downloaded and read with the engine's reader, so the model is registered like a
+local one (and can be served locally). Everything the next call needs is returned in ``remote``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from service.backends.base import BackendNotConfigured, TrainedModel, TrainingSpec, TrainingUpdate
+from service.backends.sagemaker.client import AWS_FAILURES, AwsContext, NotFound, Permanent, aws_call, failure_text
+from service.backends.sagemaker.naming import kmeans_image
+from service.backends.sagemaker.s3 import download_artifact, s3_uri, upload_dataset
+from service.engine import ModelFormatError, read_model_tar
+from service.statuses import JobStatus, SecondaryStatus
+
+log = logging.getLogger("centroid.sagemaker")
+
+TRAIN_CONTENT_TYPE = "text/csv;label_size=0"
+MAX_STOP_ATTEMPTS = 5
+RESOURCE_IN_USE = "ResourceInUse"  # CreateTrainingJob's answer when the name is taken
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def _metric_name(name: str) -> str:
+    """SageMaker's ``train:msd`` becomes ``train_msd`` like the local engine's metrics."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def _transitions(described: dict[str, Any]) -> list[dict[str, Any]] | None:
+    entries = described.get("SecondaryStatusTransitions") or []
+    return [
+        {
+            "status": entry.get("Status"),
+            "start_time": _iso(entry.get("StartTime")),
+            "end_time": _iso(entry.get("EndTime")),
+            "message": entry.get("StatusMessage"),
+        }
+        for entry in entries
+    ] or None
+
+
+def _status_message(described: dict[str, Any]) -> str:
+    transitions = described.get("SecondaryStatusTransitions") or []
+    last = transitions[-1].get("StatusMessage") if transitions else None
+    return str(last or f"SageMaker: {described['TrainingJobStatus']} / {described.get('SecondaryStatus', '')}")
+
+
+def _channel(name: str, uri: str, distribution: str) -> dict[str, Any]:
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": distribution}
+        },
+        "ContentType": TRAIN_CONTENT_TYPE,
+        "CompressionType": "None",
+    }
+
+
+def _fail(update: TrainingUpdate, reason: str) -> None:
+    update.status, update.secondary_status, update.failure_reason = JobStatus.FAILED, SecondaryStatus.FAILED, reason
+    update.transitions = None
+
+
+class TrainingJobs:
+    """Submits training jobs to SageMaker and mirrors their progress."""
+
+    def __init__(self, aws: AwsContext) -> None:
+        self.aws = aws
+
+    def advance(self, spec: TrainingSpec) -> TrainingUpdate:
+        """Submit the job on the first call; afterwards mirror DescribeTrainingJob."""
+        submitted = bool(spec.remote.get("training_job_name"))
+        try:
+            self.aws.ensure_configured()
+        except BackendNotConfigured as exc:
+            if submitted:
+                raise  # the job runs on SageMaker: keep it, poll again once the settings are back
+            return TrainingUpdate.failed(f"the sagemaker backend is not configured: {exc}")
+        try:
+            if not submitted:
+                if spec.stop_requested:
+                    return TrainingUpdate.stopped("stopped before submission")
+                return self._submit(spec)
+            return self._poll(spec)
+        except Permanent as exc:
+            return TrainingUpdate.failed(str(exc))
+
+    def stop(self, spec: TrainingSpec) -> None:
+        """Send StopTrainingJob; a failure is logged and the stop re-sent while SageMaker trains on."""
+        name = spec.remote.get("training_job_name")
+        if name:
+            self._send_stop(str(name))
+
+    # --- submission ---------------------------------------------------------------------------
+
+    def _submit(self, spec: TrainingSpec) -> TrainingUpdate:
+        settings = self.aws.settings
+        image = kmeans_image(str(settings.aws_region))
+        remote: dict[str, Any] = {
+            "training_job_name": spec.job_name,
+            "region": settings.aws_region,
+            "output_s3_uri": s3_uri(self.aws.bucket, self.aws.key(spec.job_name, "output")),
+        }
+        existing = self._adopt(spec.job_name, remote["output_s3_uri"])  # before uploading anything
+        remote["training_job_arn"] = existing or self._create_training_job(spec, image, remote)
+        log.info("submitted SageMaker training job", extra={"job": spec.job_name, "image": image})
+        return TrainingUpdate.running(
+            SecondaryStatus.STARTING,
+            message=f"submitted to SageMaker as training job {spec.job_name}",
+            remote={**remote, "polls": 0},
+            poll_after_seconds=self.aws.poll_delay(0),
+        )
+
+    def _create_training_job(self, spec: TrainingSpec, image: str, remote: dict[str, Any]) -> str:
+        """Upload the data, then CreateTrainingJob; returns the job's ARN."""
+        instance_count = int(spec.resource_config.get("instance_count") or self.aws.settings.training_instance_count)
+        remote["train_s3_uri"], remote["train_objects"] = upload_dataset(
+            self.aws, spec.job_name, spec.train, "train", instance_count
+        )
+        if spec.test is not None:
+            remote["test_s3_uri"], _ = upload_dataset(self.aws, spec.job_name, spec.test, "test", 1)
+        request = self._training_request(spec, image, remote, instance_count)
+        create = self.aws.client("sagemaker").create_training_job
+        try:
+            return str(aws_call("SageMaker refused CreateTrainingJob", create, **request)["TrainingJobArn"])
+        except Permanent as exc:
+            if exc.code == RESOURCE_IN_USE:  # created meanwhile (another worker after a lease expiry)
+                adopted = self._adopt(spec.job_name, remote["output_s3_uri"])
+                if adopted is not None:
+                    return adopted
+            raise
+
+    def _adopt(self, job_name: str, output_uri: str) -> str | None:
+        """The ARN of an existing job by this name if it is ours (a worker died after creating it:
+        same output path); a foreign job by this name fails ours; None when there is none."""
+        describe = self.aws.client("sagemaker").describe_training_job
+        try:
+            described = aws_call("SageMaker refused DescribeTrainingJob", describe, TrainingJobName=job_name)
+        except NotFound:
+            return None
+        if described.get("OutputDataConfig", {}).get("S3OutputPath", "").rstrip("/") != output_uri:
+            raise Permanent(
+                f"a SageMaker training job named {job_name!r} already exists in this account and region "
+                "and was not started by this Centroid; choose another job name"
+            )
+        log.info("training job %s already exists on SageMaker; resuming it", job_name)
+        return str(described["TrainingJobArn"])
+
+    def _training_request(
+        self, spec: TrainingSpec, image: str, remote: dict[str, Any], instance_count: int
+    ) -> dict[str, Any]:
+        settings = self.aws.settings
+        hyperparameters = spec.hyperparameters.to_sagemaker()
+        hyperparameters["feature_dim"] = str(len(spec.train.columns))
+        channels = [_channel("train", remote["train_s3_uri"], "ShardedByS3Key")]
+        if "test_s3_uri" in remote:
+            channels.append(_channel("test", remote["test_s3_uri"], "FullyReplicated"))
+        config = spec.resource_config
+        return {
+            "TrainingJobName": spec.job_name,
+            "AlgorithmSpecification": {"TrainingImage": image, "TrainingInputMode": "File"},
+            "RoleArn": settings.sagemaker_role_arn,
+            "HyperParameters": hyperparameters,
+            "InputDataConfig": channels,
+            "OutputDataConfig": {"S3OutputPath": remote["output_s3_uri"]},
+            "ResourceConfig": {
+                "InstanceType": config.get("instance_type") or settings.training_instance_type,
+                "InstanceCount": instance_count,
+                "VolumeSizeInGB": settings.training_volume_gb,
+            },
+            "StoppingCondition": {
+                "MaxRuntimeInSeconds": int(config.get("max_runtime_seconds") or settings.max_runtime_seconds)
+            },
+            "Tags": [{"Key": "centroid:training-job", "Value": spec.job_name}],
+        }
+
+    # --- following the job --------------------------------------------------------------------
+
+    def _poll(self, spec: TrainingSpec) -> TrainingUpdate:
+        name = spec.remote["training_job_name"]
+        polls = int(spec.remote.get("polls", 0)) + 1
+        describe = self.aws.client("sagemaker").describe_training_job
+        try:
+            described = aws_call(None, describe, TrainingJobName=name)
+        except NotFound as exc:
+            return TrainingUpdate.failed(f"the SageMaker training job {name!r} no longer exists ({exc.detail})")
+        reported = str(described["TrainingJobStatus"])
+        status = JobStatus(reported)
+        update = TrainingUpdate(
+            status=status,
+            secondary_status=str(described.get("SecondaryStatus") or reported),
+            message=_status_message(described),
+            failure_reason=described.get("FailureReason"),
+            training_seconds=described.get("TrainingTimeInSeconds"),
+            billable_seconds=described.get("BillableTimeInSeconds"),
+            remote={"polls": polls, "sagemaker_status": reported},
+            transitions=_transitions(described),
+            poll_after_seconds=self.aws.poll_delay(polls),
+        )
+        if status == JobStatus.FAILED and not update.failure_reason:
+            update.failure_reason = "SageMaker reported the training job Failed without a reason"
+        if status == JobStatus.IN_PROGRESS and spec.stop_requested:
+            self._keep_stopping(spec, update)
+        if status == JobStatus.COMPLETED:
+            self._collect(spec, described, update)
+        return update
+
+    def _keep_stopping(self, spec: TrainingSpec, update: TrainingUpdate) -> None:
+        """Stop was asked but SageMaker still trains: show Stopping, and re-send a lost stop."""
+        attempts = int(spec.remote.get("stop_attempts", 0))
+        if attempts and attempts < MAX_STOP_ATTEMPTS:
+            self._send_stop(spec.remote["training_job_name"])
+        update.status, update.secondary_status = JobStatus.STOPPING, SecondaryStatus.STOPPING
+        update.message = "stop requested; waiting for SageMaker to stop the training job"
+        update.remote["stop_attempts"] = attempts + 1
+
+    def _collect(self, spec: TrainingSpec, described: dict[str, Any], update: TrainingUpdate) -> None:
+        """Download and read the artifact; an unusable one fails the job (the worker registers it)."""
+        uri = str(described.get("ModelArtifacts", {}).get("S3ModelArtifacts") or "")
+        if not uri:
+            _fail(update, "SageMaker reported the job Completed but named no model artifact")
+            return
+        try:
+            artifact = download_artifact(self.aws, uri)
+            centroids = read_model_tar(artifact)
+        except Permanent as exc:
+            _fail(update, str(exc))
+            return
+        except ModelFormatError as exc:
+            _fail(update, f"the model artifact at {uri} is not a usable KMeans model.tar.gz: {exc}")
+            return
+        expected = (spec.hyperparameters.k, len(spec.train.columns))
+        if centroids.shape != expected:
+            _fail(update, f"the model artifact at {uri} holds {centroids.shape} centroids, expected {expected}")
+            return
+        metrics = {
+            _metric_name(str(item["MetricName"])): float(item["Value"])
+            for item in described.get("FinalMetricDataList") or []
+            if "MetricName" in item and "Value" in item
+        }
+        update.remote["model_artifact_s3_uri"] = uri
+        update.message = "training job completed on SageMaker"
+        update.result = TrainedModel(
+            centroids=centroids, artifact=artifact, metrics=metrics, cluster_sizes=None, engine_version=None, seed=None
+        )
+
+    def _send_stop(self, name: str) -> None:
+        try:
+            self.aws.client("sagemaker").stop_training_job(TrainingJobName=name)
+            log.info("asked SageMaker to stop training job %s", name)
+        except AWS_FAILURES as exc:
+            log.warning("StopTrainingJob %s failed (%s); will retry while it still runs", name, failure_text(exc))
