@@ -74,8 +74,18 @@ from schemas.datasets import DeriveStep, DropNaStep, DropStep, FillNaStep, JoinS
 from service.datasets.parsing import NUMBER_PATTERN, check_column_names, parse_number
 from service.datasets.positional_join import GatheredColumn, join_memory, match_positions, write_joined
 from service.datasets.progress import Progress, duckdb_fraction
-from service.datasets.transforms import (
+from service.datasets.steps import (
+    ColumnScale,
+    FillValue,
+    FittedDrop,
+    FittedDropNa,
+    FittedFillNa,
+    FittedJoin,
+    FittedRename,
+    FittedScale,
+    FittedSelect,
     FittedStep,
+    MinMaxParams,
     _describe_integer,
     _fits_a_float,
     minmax_params,
@@ -441,18 +451,23 @@ def _apply(
     if isinstance(step, JoinStep):
         return _join(engine, table, step, inputs)
     if isinstance(step, ScaleStep):
-        params = _fit_scale(engine, table, step)
-        record = {**step.model_dump(mode="json"), "params": params}
-        return _scaled(table, record), record
+        scale = FittedScale.of(step, _fit_scale(engine, table, step))
+        return _scaled(table, scale), scale
     if isinstance(step, FillNaStep):
-        record = {"op": "fillna", "values": _fit_fill(engine, table, step)}
-        return _filled(table, record["values"]), record
-    record = step.model_dump(mode="json")
+        fill = FittedFillNa(values=_fit_fill(engine, table, step))
+        return _filled(table, fill.values), fill
     if isinstance(step, DropNaStep):
-        return _dropna(table, step), record
-    if record["op"] in ("select", "drop"):
-        record["columns"] = list(dict.fromkeys(record["columns"]))  # a name repeated is stored once
-    return _shape_step(table, record), record
+        return _dropna(table, step), FittedDropNa.of(step)
+    shape: FittedSelect | FittedDrop | FittedRename
+    if isinstance(step, SelectStep):
+        shape = FittedSelect.of(step)  # a name repeated is stored once
+    elif isinstance(step, DropStep):
+        shape = FittedDrop.of(step)
+    elif isinstance(step, RenameStep):
+        shape = FittedRename.of(step)
+    else:
+        raise InvalidInput(f"unknown step {step.op!r}")
+    return _shape_step(table, shape), shape
 
 
 class _Unfollowable(Exception):
@@ -650,7 +665,7 @@ def _join(
             expressions.append(f"r.{column.ref} AS {column.ref}")
         columns.append(column)
     sql = f"SELECT {', '.join(expressions)} FROM {sides(step.how.upper())}"
-    record = {**step.model_dump(mode="json"), "on": on}
+    record = FittedJoin.of(step, on)
     # Each left row is kept at most once: a unique left key stays unique. The join column as key
     # may hold a null (a single one passes the duplicate check): the final key check decides.
     key_unique = left.key_unique if left.key_column else False
@@ -713,7 +728,7 @@ def _match_by_positions(engine: _Engine, left: _Table, right: _Table, on: str) -
     return None if positions is None else _Matched(positions, right_rows)
 
 
-def _fit_scale(engine: _Engine, table: _Table, step: ScaleStep) -> dict[str, dict[str, float]]:
+def _fit_scale(engine: _Engine, table: _Table, step: ScaleStep) -> dict[str, ColumnScale]:
     """``fit_scale``: min/max from DuckDB (exact), mean/std as numpy computes them (streamed)."""
     _require_numeric(engine, table, step.columns, "scale")
     columns = [table.column(name) for name in dict.fromkeys(step.columns)]
@@ -729,7 +744,7 @@ def _fit_scale(engine: _Engine, table: _Table, step: ScaleStep) -> dict[str, dic
     if not minmax:
         present = [c for c in columns if stats[c.name][0] > 0]
         moments = _mean_and_std(engine, table, present, {c.name: stats[c.name][0] for c in present})
-    params: dict[str, dict[str, float]] = {}
+    params: dict[str, ColumnScale] = {}
     for name in step.columns:
         if stats[name][0] == 0:
             raise InvalidInput(f"scale: column {name!r} has no values", details={"column": name})
@@ -792,19 +807,19 @@ def _stream_sums(
     return {name: summer.total() for name, summer in summers.items()}
 
 
-def _scaled(table: _Table, record: FittedStep) -> _Table:
-    """``apply_scale``: the formula of ``scale_values`` in the same order of float operations."""
+def _scaled(table: _Table, record: FittedScale) -> _Table:
+    """``FittedScale.apply``: the formula of ``scale_values`` in the same order of float operations."""
     replaced: dict[str, tuple[str, str]] = {}
-    for name, params in record["params"].items():
+    for name, params in record.params.items():
         value = table.column(name).as_double
-        if record["method"] == "minmax":
-            low, high = record["feature_range"]
+        if isinstance(params, MinMaxParams):
+            low, high = record.feature_range
             formula = (
-                f"{_double(low)} + (({value} - {_double(params['min'])}) * {_double(high - low)})"
-                f" / {_double(params['max'] - params['min'])}"
+                f"{_double(low)} + (({value} - {_double(params.min)}) * {_double(high - low)})"
+                f" / {_double(params.max - params.min)}"
             )
         else:
-            formula = f"({value} - {_double(params['mean'])}) / {_double(params['std'])}"
+            formula = f"({value} - {_double(params.mean)}) / {_double(params.std)}"
         # A NaN result (inf - inf, inf / inf) is a missing value to pandas, which writes it as null.
         replaced[name] = (f"nullif({formula}, {_NAN})", "float64")
     return _replace(table, replaced)
@@ -827,8 +842,8 @@ def _replace(table: _Table, computed: Mapping[str, tuple[str, str]]) -> _Table:
     return table.with_sql(table.select(selected, ordered=False), columns)
 
 
-def _fit_fill(engine: _Engine, table: _Table, step: FillNaStep) -> dict[str, Any]:
-    """``_fit_fill``: the columns with nulls (one aggregation) and each one's value."""
+def _fit_fill(engine: _Engine, table: _Table, step: FillNaStep) -> dict[str, FillValue]:
+    """``FittedFillNa.fit``: the columns with nulls (one aggregation) and each one's value."""
     columns = step.columns or _columns_with_nulls(engine, table)
     _require_columns(table, columns, "fillna")
     if step.strategy == "constant" and step.value is None:
@@ -839,14 +854,15 @@ def _fit_fill(engine: _Engine, table: _Table, step: FillNaStep) -> dict[str, Any
             details={"field": "value", "limit": "1.7976931348623157e308"},
         )
     if step.strategy == "mean":
-        return _fit_means(engine, table, columns)
-    values: dict[str, Any] = {}
+        return dict(_fit_means(engine, table, columns))
+    values: dict[str, FillValue] = {}
     for name in columns:
         numeric = table.column(name).numeric
         if numeric != isinstance(step.value, int | float):
             kind = "a number" if numeric else "text"
             raise InvalidInput(f"fillna: column {name!r} needs {kind} as `value`", details={"column": name})
-        values[name] = step.value
+        if step.value is not None:  # (refused above when None)
+            values[name] = step.value
     return values
 
 
@@ -878,15 +894,15 @@ def _fit_means(engine: _Engine, table: _Table, columns: Sequence[str]) -> dict[s
     return {name: float(sums[name] / present[name]) for name in dict.fromkeys(columns)}
 
 
-def _filled(table: _Table, values: Mapping[str, Any]) -> _Table:
-    """``apply_fill``: numeric columns become float64 (filled or not), text keeps its type."""
+def _filled(table: _Table, values: Mapping[str, FillValue]) -> _Table:
+    """``FittedFillNa.apply``: numeric columns become float64 (filled or not), text keeps its type."""
     computed: dict[str, tuple[str, str]] = {}
     for name, value in values.items():
         column = table.column(name)
-        if column.numeric:
-            computed[name] = (f"coalesce({column.as_double}, {_double(value)})", "float64")
+        if column.numeric:  # (the fit gave a numeric column a number, text a text column)
+            computed[name] = (f"coalesce({column.as_double}, {_double(float(value))})", "float64")
         else:
-            computed[name] = (f"coalesce({column.ref}, {_text(value)})", "string")
+            computed[name] = (f"coalesce({column.ref}, {_text(str(value))})", "string")
     return _replace(table, computed)
 
 
@@ -900,31 +916,28 @@ def _dropna(table: _Table, step: DropNaStep) -> _Table:
     return table.with_sql(f"SELECT * FROM ({table.sql}) AS t WHERE {' AND '.join(conditions)}", table.columns)
 
 
-def _shape_step(table: _Table, record: FittedStep) -> _Table:
-    """``apply_shape_step``: ``select``, ``drop`` and ``rename`` change the columns named, not the query."""
-    op = record["op"]
-    if op == "select":
-        names = list(dict.fromkeys(record["columns"]))
+def _shape_step(table: _Table, record: FittedSelect | FittedDrop | FittedRename) -> _Table:
+    """``apply`` of ``select``, ``drop`` and ``rename``: they change the columns named, not the query."""
+    if isinstance(record, FittedSelect):
+        names = list(dict.fromkeys(record.columns))
         _require_columns(table, names, "select")
         if table.key_column and table.key_column not in names:
             names.insert(0, table.key_column)
         return table.with_columns([table.column(name) for name in names], table.key_column)
-    if op == "drop":
-        _require_columns(table, record["columns"], "drop")
-        key = None if table.key_column in record["columns"] else table.key_column
-        return table.with_columns([c for c in table.columns if c.name not in record["columns"]], key)
-    if op == "rename":
-        mapping: dict[str, str] = record["mapping"]
-        _require_columns(table, list(mapping), "rename")
-        check_column_names(list(mapping.values()))
-        renamed = [mapping.get(name, name) for name in table.names]
-        clashes = sorted({name for name in renamed if renamed.count(name) > 1})
-        if clashes:
-            raise InvalidInput(f"rename: would create duplicate column(s) {clashes}", details={"columns": clashes})
-        key = mapping.get(table.key_column, table.key_column) if table.key_column else None
-        columns = [replace(c, name=mapping.get(c.name, c.name)) for c in table.columns]
-        return table.with_columns(columns, key)
-    raise InvalidInput(f"unknown step {op!r}")
+    if isinstance(record, FittedDrop):
+        _require_columns(table, record.columns, "drop")
+        key = None if table.key_column in record.columns else table.key_column
+        return table.with_columns([c for c in table.columns if c.name not in record.columns], key)
+    mapping = record.mapping
+    _require_columns(table, list(mapping), "rename")
+    check_column_names(list(mapping.values()))
+    renamed = [mapping.get(name, name) for name in table.names]
+    clashes = sorted({name for name in renamed if renamed.count(name) > 1})
+    if clashes:
+        raise InvalidInput(f"rename: would create duplicate column(s) {clashes}", details={"columns": clashes})
+    key = mapping.get(table.key_column, table.key_column) if table.key_column else None
+    columns = [replace(c, name=mapping.get(c.name, c.name)) for c in table.columns]
+    return table.with_columns(columns, key)
 
 
 # --- the result ----------------------------------------------------------------------------------

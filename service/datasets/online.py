@@ -30,6 +30,17 @@ import numpy as np
 import pandas as pd
 
 from service.datasets.parsing import _cell_text, _type_column, is_unicode_text, non_numeric_cells
+from service.datasets.steps import (
+    FittedDrop,
+    FittedDropNa,
+    FittedFillNa,
+    FittedJoin,
+    FittedRename,
+    FittedScale,
+    FittedSelect,
+    FittedStep,
+    parse_steps,
+)
 from service.datasets.transforms import Recipe, fold_recipe, input_ids, scale_values
 from service.errors import InvalidInput
 
@@ -169,51 +180,50 @@ def _programs(recipe: Recipe) -> Programs:
         if node.get("source") != "derived":
             return {name: (name, []) for name in node.get("columns", [])}
         table = dict(resolve(node["parent_id"]))
-        for record in node["steps"]:
+        for record in parse_steps(node["steps"]):  # a step Centroid does not know: InvalidInput
             table = _compile_step(table, record, resolve)
         return table
 
     return fold_recipe(recipe, visit)
 
 
-def _compile_step(table: Programs, record: dict[str, Any], resolve: Callable[[str], Programs]) -> Programs:
-    op = record["op"]
-    if op == "join":
-        right = resolve(record["dataset_id"])
+def _compile_step(table: Programs, record: FittedStep, resolve: Callable[[str], Programs]) -> Programs:
+    if isinstance(record, FittedJoin):
+        right = resolve(record.dataset_id)
         return {**table, **{name: program for name, program in right.items() if name not in table}}
-    if op == "scale":
+    if isinstance(record, FittedScale):
         table = dict(table)
-        for name, params in record["params"].items():
+        for name, params in record.params.items():
             if name in table:
                 step = Step(
                     "scale",
-                    method=record["method"],
-                    params=tuple((key, float(value)) for key, value in params.items()),
-                    feature_range=tuple(record.get("feature_range") or ()),
+                    method=record.method,
+                    params=tuple((key, float(value)) for key, value in params.model_dump().items()),
+                    feature_range=tuple(record.feature_range),
                 )
                 table[name] = (table[name][0], [*table[name][1], step])
         return table
-    if op == "fillna":
+    if isinstance(record, FittedFillNa):
         table = dict(table)
-        for name, value in record["values"].items():
+        for name, value in record.values.items():
             if name in table:
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise NotCompilable  # a text fill: not a numeric feature's step
                 table[name] = (table[name][0], [*table[name][1], Step("fill", value=float(value))])
         return table
-    if op == "select":
-        return {name: table[name] for name in record["columns"] if name in table}
-    if op == "drop":
-        return {name: program for name, program in table.items() if name not in record["columns"]}
-    if op == "rename":
-        mapping = record["mapping"]
+    if isinstance(record, FittedSelect):
+        return {name: table[name] for name in record.columns if name in table}
+    if isinstance(record, FittedDrop):
+        return {name: program for name, program in table.items() if name not in record.columns}
+    if isinstance(record, FittedRename):
+        mapping = record.mapping
         renamed = [mapping.get(name, name) for name in table]
         if len(set(renamed)) != len(renamed):
             raise NotCompilable
         return {mapping.get(name, name): program for name, program in table.items()}
-    if op != "dropna":
-        raise NotCompilable
-    return table
+    if isinstance(record, FittedDropNa):
+        return table  # a prediction row is never dropped
+    raise NotCompilable  # a step without a per-column form: the recipe is replayed instead
 
 
 def _present_columns(rows: Sequence[Row]) -> set[str]:

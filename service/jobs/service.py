@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pyarrow.parquet as pq
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from schemas.jobs import Progress, TrainingJob, TrainingJobCreate
+from schemas.jobs import BackendName, Progress, StatusTransition, TrainingJob, TrainingJobCreate
 from service.backends.registry import BackendRegistry
 from service.datasets.repository import DatasetRepository
 from service.db.changes import announce_work, work_committed
@@ -246,11 +246,11 @@ def job_view(row: TrainingJobTable) -> TrainingJob:
     processed = min(row.points_processed or 0, total) if total else row.points_processed or 0
     return TrainingJob(
         name=row.name,
-        backend=row.backend,  # type: ignore[arg-type]
-        status=row.status,  # type: ignore[arg-type]
+        backend=cast(BackendName, row.backend),  # the column only ever holds a registered backend's name
+        status=JobStatus(row.status),
         secondary_status=row.secondary_status,
         status_message=row.status_message,
-        status_transitions=row.status_transitions,  # type: ignore[arg-type]
+        status_transitions=[StatusTransition.model_validate(entry) for entry in row.status_transitions],
         failure_reason=row.failure_reason,
         train_dataset_id=row.train_dataset_id,
         test_dataset_id=row.test_dataset_id,

@@ -49,7 +49,7 @@ def test_minmax_lands_in_range_and_hits_both_ends(data: list[float], feature_ran
     assert scaled.min() == pytest.approx(low, abs=tolerance)
     assert scaled.max() == pytest.approx(high, abs=tolerance)
     assert np.all((scaled >= low - tolerance) & (scaled <= high + tolerance))
-    assert fitted[0]["params"]["v"] == {"min": min(data), "max": max(data)}
+    assert fitted[0].model_dump()["params"]["v"] == {"min": min(data), "max": max(data)}
 
 
 @given(values, st.sampled_from(["minmax", "standard"]), values)
@@ -63,7 +63,7 @@ def test_stored_parameters_reproduce_the_transform_on_new_rows(
     replayed = replay(recipe, pd.DataFrame({"v": data}))
     np.testing.assert_allclose(replayed["v"], result.frame["v"], rtol=1e-12, atol=1e-12)
     fresh = replay(recipe, pd.DataFrame({"v": new_rows}))["v"].to_numpy()
-    record = fitted[0]
+    record = fitted[0].model_dump()
     expected = scale_values(np.asarray(new_rows), method, record["params"]["v"], record["feature_range"])
     np.testing.assert_allclose(fresh, expected)
     back = unscale_values(fresh, method, record["params"]["v"], record["feature_range"])
@@ -129,4 +129,4 @@ def test_nested_recipes_stored_before_0004_still_replay() -> None:
     }
     replayed = replay(nested, pd.DataFrame({"k": ["a"], "d": [20.0]}))
     assert replayed.to_dict("list") == {"k": ["a"], "d": [0.5]}
-    assert column_lineage(nested)["d"].scalings[0]["params"] == {"d": {"min": 10.0, "max": 30.0}}
+    assert column_lineage(nested)["d"].scalings[0].model_dump()["params"] == {"d": {"min": 10.0, "max": 30.0}}
