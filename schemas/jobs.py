@@ -27,11 +27,39 @@ class Hyperparameters(BaseModel):
 
     Values may be given as strings, as SageMaker sends them. Validation errors (400) name the
     parameter and its valid range. Integers are at most 2^63 - 1, and the service's ceilings
-    (settings `CENTROID_MAX_*`, defaults below) bound what one job may cost."""
+    (settings `CENTROID_MAX_*`, defaults below) bound what one job may cost.
+
+    A `HyperParameters` map copied from SageMaker (`DescribeTrainingJob` of a job the SageMaker
+    Python SDK launched) is accepted as it is: besides the names below it may hold `force_dense`
+    (`true`/`false`, any case) and the KMeans container's own settings `_num_gpus` (integer >= 0 or
+    `auto`), `_num_kv_servers` (integer >= 1 or `auto`), `_num_slices` (integer >= 1),
+    `_enable_profiler`, `_disable_wait_to_read` (`true`/`false`), `_kvstore`, `_log_level`,
+    `_tuning_objective_metric` (text). The `sagemaker` backend sends them to SageMaker unchanged;
+    the `local` backend ignores them and lists them in the job's `ignored_hyperparameters`. Any
+    other name is refused (400, `unknown hyperparameter`)."""
 
     model_config = ConfigDict(
         extra="allow",
-        json_schema_extra={"examples": [{"k": 10, "mini_batch_size": 500, "init_method": "kmeans++", "seed": 42}]},
+        json_schema_extra={
+            "examples": [
+                {"k": 10, "mini_batch_size": 500, "init_method": "kmeans++", "seed": 42},
+                {
+                    "k": "10",
+                    "feature_dim": "5",
+                    "mini_batch_size": "500",
+                    "eval_metrics": '["msd", "ssd"]',
+                    "force_dense": "True",
+                    "_num_gpus": "auto",
+                    "_kvstore": "auto",
+                    "_log_level": "info",
+                    "_num_slices": "1",
+                    "_num_kv_servers": "1",
+                    "_enable_profiler": "false",
+                    "_tuning_objective_metric": "",
+                    "_disable_wait_to_read": "false",
+                },
+            ]
+        },
     )
 
     k: int | str = Field(
@@ -69,7 +97,10 @@ class Hyperparameters(BaseModel):
         default=None, description="Points after which a center's weight halves; 0 = no decay (default)."
     )
     eval_metrics: list[str] | str | None = Field(
-        default=None, description='Subset of ["msd", "ssd"] (default ["msd"]).'
+        default=None,
+        description='Subset of ["msd", "ssd"] (default ["msd"]), a list or SageMaker\'s JSON string '
+        '(`\'["msd", "ssd"]\'`): which of `test:msd` / `test:ssd` (with a test dataset) and '
+        "`train:msd_full_pass` / `train:ssd_full_pass` the model reports; `train:msd` is always reported.",
     )
     seed: int | str | None = Field(
         default=None, description="Centroid extension: same seed and data give identical centroids."
@@ -140,7 +171,15 @@ class TrainingJob(BaseModel):
     train_dataset_id: str
     test_dataset_id: str | None
     feature_columns: list[str]
-    hyperparameters: dict[str, Any] = Field(description="Resolved hyperparameters, defaults filled in.")
+    hyperparameters: dict[str, Any] = Field(
+        description="Resolved hyperparameters, defaults filled in; SageMaker-only keys as they were given."
+    )
+    ignored_hyperparameters: list[str] = Field(
+        description="Hyperparameters given to the job that its backend does not use: on `local`, the SageMaker-only "
+        "keys (`force_dense` and the container's `_num_gpus`, `_kvstore`, ...); on `sagemaker`, `seed` (SageMaker "
+        "has none). Sorted; empty when every one is used.",
+        examples=[["_kvstore", "_num_gpus", "force_dense"]],
+    )
     resource_config: dict[str, Any]
     progress: Progress
     created_at: datetime

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from service.engine.metrics import current_metric_names
 
 
 class ModelListItem(BaseModel):
@@ -27,8 +29,15 @@ class ModelListItem(BaseModel):
     feature_dim: int = Field(examples=[5])
     hyperparameters: dict[str, Any] = Field(description="Hyperparameters it was trained with.")
     metrics: dict[str, float] = Field(
-        description="train_msd, train_ssd and, with a test set, test_msd, test_ssd.",
-        examples=[{"train_msd": 41.2, "train_ssd": 2060.0}],
+        description="Named as SageMaker's `FinalMetricDataList`, on every backend: `train:msd` is SageMaker's "
+        "figure (the local centers' weighted mean squared distance to the final centroids, from the reduction "
+        "of the mini-batch stage: no pass over the data); `train:msd_full_pass` / `train:ssd_full_pass` are the "
+        "mean / sum of squared distances of every training row to its closest centroid (Centroid's own, one "
+        "pass over the data); `test:msd` / `test:ssd` the same over the test dataset. The full-pass and test "
+        'metrics follow `eval_metrics` (default `["msd"]`); the test ones need a test dataset. Models trained '
+        "before these names show their stored metrics renamed (with no `train:msd` for local ones); imported "
+        "models have none.",
+        examples=[{"train:msd": 12.3, "train:msd_full_pass": 41.2, "test:msd": 44.0}],
     )
     cluster_sizes: list[int] | None = Field(description="Training rows closest to each centroid (k entries).")
     engine_version: str | None = Field(description="Centroid engine version (null for SageMaker/imports).")
@@ -36,6 +45,12 @@ class ModelListItem(BaseModel):
     artifact_sha256: str = Field(description="SHA-256 of the SageMaker-format model.tar.gz.")
     artifact_size: int = Field(description="Size of model.tar.gz in bytes.")
     created_at: datetime
+
+    @model_validator(mode="after")
+    def _current_metric_names(self) -> ModelListItem:
+        """Metrics stored under the old names (``train_msd``, ...) are shown under today's."""
+        self.metrics = current_metric_names(self.metrics, local_engine=self.engine_version is not None)
+        return self
 
 
 class Model(ModelListItem):

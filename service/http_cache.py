@@ -27,7 +27,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 
 CACHE_CONTROL = "private, max-age=86400, immutable"
-ETAG_VERSION = "1"  # bump when the rendering of a cached representation changes
+ETAG_VERSION = "2"  # bump when the rendering of a cached representation changes (2: metric names)
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ENTRIES = 4096
 

@@ -1,4 +1,9 @@
-"""The embedded backend: trains with Centroid's engine in the worker, serves in the API process."""
+"""The embedded backend: trains with Centroid's engine in the worker, serves in the API process.
+
+A model stores the metrics SageMaker would report for the same job, under SageMaker's names
+(``train:msd``, and ``test:msd`` / ``test:ssd`` as ``eval_metrics`` asks), plus the full-pass
+training figures (``train:msd_full_pass``, ...; see ``service.engine.metrics``). SageMaker-only
+keys of the hyperparameters (``force_dense``, ``_num_gpus``, ...) have no effect here."""
 
 from __future__ import annotations
 
@@ -61,8 +66,8 @@ class LocalBackend:
             message="training job completed",
             result=TrainedModel(
                 centroids=centers,
-                artifact=write_model_tar(centers),
-                metrics=_scalar_metrics(metrics.to_dict()),
+                artifact=write_model_tar(centers, estimator.state_),
+                metrics=metrics.reported(spec.hyperparameters.eval_metrics),
                 cluster_sizes=list(metrics.cluster_sizes),
                 engine_version=ENGINE_VERSION,
                 seed=spec.hyperparameters.seed,
@@ -98,8 +103,3 @@ def _timed(update: TrainingUpdate, started: float) -> TrainingUpdate:
     """Local training is billed for exactly the time the worker spent on it."""
     update.training_seconds = update.billable_seconds = round(time.monotonic() - started, 3)
     return update
-
-
-def _scalar_metrics(values: dict[str, object]) -> dict[str, object]:
-    """train/test msd and ssd (cluster sizes are stored on their own)."""
-    return {key: value for key, value in values.items() if not key.endswith("cluster_sizes") and value is not None}

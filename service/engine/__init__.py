@@ -13,8 +13,10 @@ from service.engine.hyperparameters import (
 from service.engine.metrics import TrainingMetrics
 from service.engine.mxnet_format import (
     ModelFormatError,
+    ModelState,
     NDArrayHeader,
     NDArrayList,
+    read_model_state,
     read_model_tar,
     read_ndarray_list,
     write_model_tar,
@@ -22,7 +24,7 @@ from service.engine.mxnet_format import (
 )
 from service.engine.predict import CenterIndex, Prediction, as_feature_matrix, predict
 from service.engine.sources import ArrayBatchSource, BatchSource, ParquetBatchSource
-from service.engine.webscale import WebScaleKMeans, reduce_centers
+from service.engine.webscale import WebScaleKMeans, evaluate, reduce_centers
 
 ENGINE_VERSION = "1.0.0"
 
@@ -35,6 +37,7 @@ __all__ = [
     "HyperparameterError",
     "KMeansHyperparameters",
     "ModelFormatError",
+    "ModelState",
     "NDArrayHeader",
     "NDArrayList",
     "ParameterProblem",
@@ -44,7 +47,9 @@ __all__ = [
     "TrainingStopped",
     "WebScaleKMeans",
     "as_feature_matrix",
+    "evaluate",
     "predict",
+    "read_model_state",
     "read_model_tar",
     "read_ndarray_list",
     "reduce_centers",

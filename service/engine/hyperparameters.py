@@ -4,6 +4,13 @@ Names, ranges and defaults follow SageMaker's built-in KMeans so one recipe can 
 SageMaker. SageMaker sends every value as a string, so :meth:`KMeansHyperparameters.from_mapping`
 accepts both strings and native values, and reports *all* problems at once.
 
+Maps copied from SageMaker (``DescribeTrainingJob`` of a job the SageMaker Python SDK launched)
+also carry keys that are not KMeans hyperparameters: ``force_dense`` (the SDK always sends it)
+and the container's own settings (``_num_gpus``, ``_kvstore``, ...), see
+:data:`SAGEMAKER_CONTAINER_PARAMETERS`. They are accepted in SageMaker's forms, kept as given in
+``sagemaker_extras`` (sent to SageMaker unchanged by :meth:`KMeansHyperparameters.to_sagemaker`)
+and have no effect on Centroid's engine. Any other unknown name is a problem.
+
 SageMaker documents no upper bounds, but every value here costs work (``epochs`` passes,
 ``local_lloyd_num_trials`` x ``local_lloyd_max_iter`` Lloyd iterations, k x
 ``extra_center_factor`` local centers, ``mini_batch_size`` rows in memory at once). Integers
@@ -40,6 +47,7 @@ CEILING_PARAMETERS = (
 )
 
 Auto = int | Literal["auto"]
+Extras = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -82,14 +90,21 @@ class KMeansHyperparameters:
     half_life_time_size: int = 0
     eval_metrics: tuple[str, ...] = ("msd",)
     seed: int | None = None
+    #: SageMaker-only keys (:data:`SAGEMAKER_CONTAINER_PARAMETERS`) as (name, value) pairs sorted
+    #: by name, values as given (strings); a mapping is accepted and normalized. The engine
+    #: ignores them; :meth:`to_sagemaker` sends them unchanged.
+    sagemaker_extras: Extras = ()
 
     def __post_init__(self) -> None:
         """Validate and normalize (e.g. "10" -> 10, list -> tuple) with from_mapping's rules."""
-        parsed, problems = _parse_all({f.name: getattr(self, f.name) for f in fields(self)})
-        if problems:
-            raise HyperparameterError(problems)
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != EXTRAS_FIELD}
+        parsed, problems = _parse_all(values)
+        extras, extra_problems = _parse_extras(_extra_items(self.sagemaker_extras))
+        if problems or extra_problems:
+            raise HyperparameterError(problems + extra_problems)
         for name, value in parsed.items():
             object.__setattr__(self, name, value)
+        object.__setattr__(self, EXTRAS_FIELD, extras)
 
     @classmethod
     def from_mapping(
@@ -102,28 +117,37 @@ class KMeansHyperparameters:
         naming the parameter and the ceiling.
         """
         missing = [ParameterProblem(key, f"is required; {_rule(key)}") for key in _REQUIRED if key not in raw]
-        unknown = [ParameterProblem(str(key)[:100], "unknown hyperparameter") for key in raw if key not in _PARSERS]
+        unknown = [
+            ParameterProblem(str(key)[:100], "unknown hyperparameter")
+            for key in raw
+            if key not in _PARSERS and key not in _EXTRA_PARSERS
+        ]
         parsed, problems = _parse_all({key: raw[key] for key in raw if key in _PARSERS})
         problems = [_as_ceiling_problem(problem, raw[problem.parameter], ceilings or {}) for problem in problems]
+        extras, extra_problems = _parse_extras([(key, raw[key]) for key in raw if key in _EXTRA_PARSERS])
         invalid = {problem.parameter for problem in problems}
         values = {key: value for key, value in {**_DEFAULTS, **parsed}.items() if key not in invalid}
         over = _over_ceilings(values, ceilings or {})
-        if missing or unknown or problems or over:
-            raise HyperparameterError(missing + unknown + problems + over)
-        return cls(**parsed)  # type: ignore[arg-type]
+        if missing or unknown or problems or extra_problems or over:
+            raise HyperparameterError(missing + unknown + problems + extra_problems + over)
+        return cls(**parsed, sagemaker_extras=extras)  # type: ignore[arg-type]
 
     def to_sagemaker(self) -> dict[str, str]:
-        """The ``HyperParameters`` map for SageMaker's CreateTrainingJob (strings; no seed)."""
+        """The ``HyperParameters`` map for SageMaker's CreateTrainingJob (strings; no seed).
+
+        ``sagemaker_extras`` are included exactly as they were given."""
         values = self.to_dict()
         del values["seed"]
         values["eval_metrics"] = json.dumps(values["eval_metrics"])
         return {key: str(value) for key, value in values.items()}
 
     def to_dict(self) -> dict[str, object]:
-        """A JSON-friendly dict that round-trips through :meth:`from_mapping`."""
+        """A JSON-friendly dict that round-trips through :meth:`from_mapping`: the hyperparameters,
+        then each of ``sagemaker_extras`` under its own name (as SageMaker's maps carry them)."""
         values = asdict(self)
+        del values[EXTRAS_FIELD]
         values["eval_metrics"] = list(self.eval_metrics)
-        return values
+        return {**values, **dict(self.sagemaker_extras)}
 
     @property
     def effective_extra_center_factor(self) -> int:
@@ -313,6 +337,103 @@ def _seed(value: object) -> int | None:
     return None if value is None else _integer(value, 0, MAX_SEED)
 
 
+# --- SageMaker-only keys: accepted in SageMaker's forms, kept as given ------------------------------
+
+MAX_EXTRA_TEXT = 256  # longest free-text value of a container setting (_kvstore, _log_level, ...)
+
+
+def _extra_text(value: object) -> str:
+    """A value as SageMaker's string map holds it: strings as given, numbers and bools as the
+    SageMaker Python SDK writes them (``str(value)``: ``True``, ``5``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float) and not (isinstance(value, float) and not math.isfinite(value)):
+        return str(value)
+    raise _Invalid("must be a string, a number or a boolean")
+
+
+def _extra_bool(value: object) -> str:
+    """``true`` / ``false`` in any case (the SDK writes ``True``, the container's defaults ``true``)."""
+    rule = "must be 'true' or 'false' (any case)"
+    if isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or value.lower() not in ("true", "false"):  # sent as is: no spaces
+        raise _Invalid(rule)
+    return value
+
+
+def _extra_count(minimum: int, auto: bool) -> Callable[[object], str]:
+    """A whole number >= ``minimum`` written in digits (or ``auto`` where the container allows it)."""
+    rule = f"must be an integer >= {minimum}" + (f" or '{AUTO}'" if auto else "")
+
+    def parse(value: object) -> str:
+        if isinstance(value, bool):
+            raise _Invalid(rule)
+        if isinstance(value, int | np.integer):
+            if not minimum <= int(value) <= MAX_INT:
+                raise _Invalid(rule)
+            return str(int(value))
+        if not isinstance(value, str):
+            raise _Invalid(rule)
+        if auto and value.lower() == AUTO:  # sent as is: no spaces
+            return value
+        if not value.isascii() or not value.isdigit() or len(value) > 19 or not minimum <= int(value) <= MAX_INT:
+            raise _Invalid(rule)
+        return value
+
+    return parse
+
+
+def _extra_free_text(value: object) -> str:
+    text = _extra_text(value)
+    if len(text) > MAX_EXTRA_TEXT:
+        raise _Invalid(f"must be at most {MAX_EXTRA_TEXT} characters")
+    return text
+
+
+#: Keys a SageMaker ``HyperParameters`` map carries besides KMeans's hyperparameters: the SDK's
+#: ``force_dense`` and the KMeans container's own settings (its ``default-input.json``). Accepted
+#: with the values SageMaker takes, sent to SageMaker unchanged, ignored by the local engine.
+_EXTRA_PARSERS: dict[str, Callable[[object], str]] = {
+    "force_dense": _extra_bool,
+    "_disable_wait_to_read": _extra_bool,
+    "_enable_profiler": _extra_bool,
+    "_kvstore": _extra_free_text,
+    "_log_level": _extra_free_text,
+    "_num_gpus": _extra_count(0, auto=True),
+    "_num_kv_servers": _extra_count(1, auto=True),
+    "_num_slices": _extra_count(1, auto=False),
+    "_tuning_objective_metric": _extra_free_text,
+}
+SAGEMAKER_CONTAINER_PARAMETERS: Final = tuple(_EXTRA_PARSERS)
+EXTRAS_FIELD: Final = "sagemaker_extras"
+
+
+def _extra_items(value: object) -> list[tuple[object, object]]:
+    """``sagemaker_extras`` as given to the constructor: a mapping or (name, value) pairs."""
+    if isinstance(value, Mapping):
+        return list(value.items())
+    if isinstance(value, list | tuple) and all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in value):
+        return [(pair[0], pair[1]) for pair in value]
+    return [(EXTRAS_FIELD, value)]  # reported below as not a SageMaker-only key
+
+
+def _parse_extras(items: list[tuple[object, object]]) -> tuple[Extras, list[ParameterProblem]]:
+    parsed: dict[str, str] = {}
+    problems: list[ParameterProblem] = []
+    for key, value in items:
+        name = str(key)
+        parser = _EXTRA_PARSERS.get(name) if isinstance(key, str) else None
+        if parser is None:
+            problems.append(ParameterProblem(name[:100], "unknown hyperparameter"))
+            continue
+        try:
+            parsed[name] = parser(value)
+        except _Invalid as exc:
+            problems.append(ParameterProblem(name, f"{exc} (got {_shown(value)})"))
+    return tuple(sorted(parsed.items())), problems
+
+
 _PARSERS: dict[str, Callable[[object], object]] = {
     "k": _int_at_least(2),
     "feature_dim": _int_at_least(1),
@@ -329,6 +450,7 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "seed": _seed,
 }
 _REQUIRED = ("k", "feature_dim")
-_DEFAULTS = {f.name: f.default for f in fields(KMeansHyperparameters) if f.name not in _REQUIRED}
-assert set(_PARSERS) == {f.name for f in fields(KMeansHyperparameters)}
+_DEFAULTS = {f.name: f.default for f in fields(KMeansHyperparameters) if f.name not in (*_REQUIRED, EXTRAS_FIELD)}
+assert set(_PARSERS) == {f.name for f in fields(KMeansHyperparameters)} - {EXTRAS_FIELD}
 assert set(CEILING_PARAMETERS) <= set(_PARSERS)
+assert not set(_EXTRA_PARSERS) & set(_PARSERS)

@@ -6,13 +6,16 @@
 2. **Stream** ``epochs`` passes of mini-batches. Each point goes to its nearest local center; a
    center with running count n that receives m points with mean d moves to
    (1 - p) c + p d with p = m / (n + m). With ``half_life_time_size`` h > 0 every count is first
-   multiplied by 2^(-b/h) for a batch of b points, so old points weigh less. The initial centers
-   start with count 0, so the first batch (which also seeded them) replaces each center that
-   receives points by their mean — no point is skipped.
+   multiplied by 2^(-b/h) for a batch of b points, so old points weigh less. Each initial center
+   starts with weight 1, as SageMaker's do (its seeding row counts once; the evidence, from real
+   ``state_<uuid>`` files, is in docs/engine.md), and the first batch, which also seeded them, is
+   then streamed like any other — no point is skipped.
 3. **Reduce** the K weighted centers to k with scikit-learn's weighted Lloyd ``KMeans``, best of
    ``local_lloyd_num_trials`` seeded trials by weighted inertia.
-4. **Evaluate** msd / ssd / cluster sizes of the final centers in one more streaming pass over the
-   training data (and the optional test data).
+4. **Evaluate** SageMaker's ``train:msd`` (the local centers' weighted mean squared distance to
+   the final centers: the best trial's figure), then msd / ssd / cluster sizes of the final
+   centers in one more streaming pass over the training data (and the optional test data); see
+   metrics.py for the names they are reported under.
 
 Stopping: ``should_stop()`` is asked between slices of at most about :data:`WORK_PER_CHECK`
 multiply-adds everywhere a fit spends time — within every mini-batch of every pass, before each
@@ -44,6 +47,7 @@ from threadpoolctl import threadpool_limits
 from service.engine.errors import EngineInputError, TrainingStopped
 from service.engine.hyperparameters import KMeansHyperparameters
 from service.engine.metrics import ClusterAccumulator, TrainingMetrics
+from service.engine.mxnet_format import ModelState
 from service.engine.predict import CenterIndex, Prediction, predict
 from service.engine.sources import BatchSource, as_batch_source, checked_batches
 
@@ -65,7 +69,7 @@ class WebScaleKMeans:
     cluster_centers_: np.ndarray  # (k, d) float32
     cluster_sizes_: np.ndarray  # (k,) int64 training points closest to each center
     local_centers_: np.ndarray  # (K, d) float64 centers before the reduction to k
-    local_weights_: np.ndarray  # (K,) float64 (decayed) counts of those centers
+    local_weights_: np.ndarray  # (K,) float64 weights: 1 + points received (decayed)
     metrics_: TrainingMetrics
 
     def __init__(self, hyperparameters: KMeansHyperparameters) -> None:
@@ -99,9 +103,10 @@ class WebScaleKMeans:
                 state.update(batch, _decay(len(batch), hp.half_life_time_size), monitor.check)
                 monitor.advance(len(batch))
         centers = _reduce(state.centers, state.counts, hp, reduce_seed, monitor.check).astype(np.float32)
+        reduction_msd = weighted_msd(state.centers, state.counts, centers, monitor.check)
         on_train = _evaluate(train, centers, hp.mini_batch_size, monitor, "training")
         on_test = None if scored is None else _evaluate(scored, centers, hp.mini_batch_size, monitor, "test")
-        self._set_fitted(centers, state, on_train, on_test)
+        self._set_fitted(centers, state, on_train, on_test, reduction_msd)
         return self
 
     def predict(self, X: ArrayLike) -> Prediction:
@@ -114,6 +119,14 @@ class WebScaleKMeans:
         assert distances is not None
         return distances
 
+    @property
+    def state_(self) -> ModelState:
+        """The K local centers and their weights: what SageMaker's ``state_<uuid>`` member holds
+        (``write_model_tar(model.cluster_centers_, model.state_)``)."""
+        if not hasattr(self, "local_centers_"):
+            raise NotFittedError("this WebScaleKMeans is not fitted yet; call fit() first")
+        return ModelState(centers=self.local_centers_, weights=self.local_weights_)
+
     def _centers(self) -> np.ndarray:
         if not hasattr(self, "cluster_centers_"):
             raise NotFittedError("this WebScaleKMeans is not fitted yet; call fit() first")
@@ -125,6 +138,7 @@ class WebScaleKMeans:
         state: _LocalState,
         on_train: ClusterAccumulator,
         on_test: ClusterAccumulator | None,
+        reduction_msd: float,
     ) -> None:
         self.local_centers_ = state.centers
         self.local_weights_ = state.counts
@@ -136,6 +150,7 @@ class WebScaleKMeans:
             test_msd=None if on_test is None else on_test.msd,
             test_ssd=None if on_test is None else on_test.ssd,
             test_cluster_sizes=None if on_test is None else on_test.sizes,
+            reduction_msd=reduction_msd,
         )
         self.cluster_centers_ = centers
 
@@ -200,7 +215,8 @@ def _initial_state(source: BatchSource, hp: KMeansHyperparameters, rng: np.rando
             centers, _ = kmeans_plusplus(sample, n_centers, random_state=seed)
     else:
         centers = sample[rng.choice(len(sample), size=n_centers, replace=False)]
-    return _LocalState(centers=centers.copy(), counts=np.zeros(n_centers), origin=sample.mean(axis=0))
+    # Weight 1 each, like SageMaker's local centers (see the module docstring).
+    return _LocalState(centers=centers.copy(), counts=np.ones(n_centers), origin=sample.mean(axis=0))
 
 
 def _first_batch(source: BatchSource, rows: int) -> np.ndarray:
@@ -314,6 +330,40 @@ def _checked_source(data: BatchSource | ArrayLike, hp: KMeansHyperparameters, wh
         raise EngineInputError(f"{what} data has no rows")
     hp.validate_against(source.n_rows, source.n_features, what=what)
     return source
+
+
+def weighted_msd(
+    points: np.ndarray, weights: np.ndarray, centers: np.ndarray, check: Callable[[], None] = lambda: None
+) -> float:
+    """SageMaker's ``train:msd``: the mean squared distance from ``points`` (the local centers) to
+    their closest of ``centers``, weighted by ``weights`` (their streaming counts); NaN when every
+    weight is 0. ``check`` runs between slices of the nearest-center search."""
+    points, weights = np.asarray(points, np.float64), np.asarray(weights, np.float64)
+    total = float(weights.sum())
+    if not total > 0:
+        return float("nan")
+    index = CenterIndex(np.asarray(centers, np.float64))
+    labels = nearest_in_slices(index, points, check)
+    return float(np.dot(weights, index.squared_distances_to(points, labels)) / total)
+
+
+def evaluate(
+    data: BatchSource | ArrayLike,
+    centers: ArrayLike,
+    *,
+    batch_size: int = 5000,
+    should_stop: StopCallback | None = None,
+    what: str = "training",
+) -> ClusterAccumulator:
+    """msd / ssd / cluster sizes of ``centers`` over ``data`` in one streaming pass (what a fit's
+    full-pass metrics are; the SageMaker backend uses it on a SageMaker-trained model).
+
+    ``should_stop()`` is asked between batches and slices; True raises TrainingStopped."""
+    matrix = np.asarray(centers, np.float64)
+    source = as_batch_source(data)
+    if source.n_features != matrix.shape[1]:
+        raise EngineInputError(f"{what} data has {source.n_features} columns, the centers {matrix.shape[1]}")
+    return _evaluate(source, matrix, batch_size, _Monitor(None, should_stop, total=0), what)
 
 
 def _evaluate(

@@ -15,6 +15,7 @@ from service.db.changes import announce_work, work_committed
 from service.db.tables import DatasetTable, TrainingJobTable
 from service.db.types import utcnow
 from service.engine import HyperparameterError, KMeansHyperparameters, ParameterProblem
+from service.engine.hyperparameters import SAGEMAKER_CONTAINER_PARAMETERS
 from service.errors import Conflict, InvalidInput, NotFound
 from service.jobs.repository import FINAL_STATUSES, JobRepository
 from service.settings import Settings
@@ -241,6 +242,14 @@ def null_counts(path: Any, columns: list[str]) -> dict[str, int]:
     return counts
 
 
+def ignored_hyperparameters(backend: str, hyperparameters: dict[str, Any]) -> list[str]:
+    """The stored hyperparameters ``backend`` does not use: SageMaker's own keys locally (the engine
+    has no use for them), ``seed`` on SageMaker (which has none; it is not sent)."""
+    if backend == "sagemaker":
+        return ["seed"] if hyperparameters.get("seed") is not None else []
+    return sorted(name for name in hyperparameters if name in SAGEMAKER_CONTAINER_PARAMETERS)
+
+
 def job_view(row: TrainingJobTable) -> TrainingJob:
     total = row.points_total or 0
     processed = min(row.points_processed or 0, total) if total else row.points_processed or 0
@@ -256,6 +265,7 @@ def job_view(row: TrainingJobTable) -> TrainingJob:
         test_dataset_id=row.test_dataset_id,
         feature_columns=row.feature_columns,
         hyperparameters=row.hyperparameters,
+        ignored_hyperparameters=ignored_hyperparameters(row.backend, row.hyperparameters),
         resource_config=row.resource_config,
         progress=Progress(
             points_processed=processed,

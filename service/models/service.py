@@ -28,7 +28,7 @@ from service.datasets.transforms import Table, column_lineage, replay, require_n
 from service.db.changes import bump_serving
 from service.db.tables import DatasetTable, ModelTable, TrainingJobTable
 from service.engine import CenterIndex, ModelFormatError, read_model_tar
-from service.engine.mxnet_format import LIST_MAGIC, MAX_NDIM, MODEL_MEMBER, V1_MAGIC
+from service.engine.mxnet_format import LIST_MAGIC, MAX_NDIM, MODEL_MEMBER, V1_MAGIC, V2_MAGIC, V3_MAGIC
 from service.errors import Conflict, InvalidInput, NotFound
 from service.ids import new_id
 from service.jobs.repository import JobRepository
@@ -362,6 +362,8 @@ def _first_array_shape(head: bytes) -> tuple[int, int] | None:
     if magic != LIST_MAGIC or count != 1:
         return None
     (array_magic,) = struct.unpack_from("<I", head, 24)
+    if array_magic not in (V1_MAGIC, V2_MAGIC, V3_MAGIC):
+        return None  # a legacy array (no magic): the full reader decides
     offset = 28 if array_magic == V1_MAGIC else 32  # V2/V3 carry a storage type
     (ndim,) = struct.unpack_from("<i", head, offset)
     if ndim != 2:

@@ -41,17 +41,18 @@ def test_a_job_runs_to_completion_and_registers_a_model(client: TestClient, blob
     model = client.get(f"/models/{job['model_id']}").json()
     assert model["training_job_name"] == "j1" and model["k"] == 3 and model["feature_names"] == ["x", "y"]
     assert sorted(model["cluster_sizes"]) == [20, 20, 20]
-    assert model["metrics"]["train_msd"] < 0.5  # blobs 10 apart, each about 0.4 wide
+    assert model["metrics"]["train:msd_full_pass"] < 0.5  # blobs 10 apart, each about 0.4 wide
 
 
 def test_test_dataset_gives_test_metrics(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
     test = upload_csv(client, "test", b"id,x,y\nt1,0,0\nt2,10,0\nt3,0,10\n", "id")
-    start_job(client, "j1", blobs["id"], test_dataset_id=test["id"])
+    hyperparameters = {"k": 3, "seed": 1, "eval_metrics": ["msd", "ssd"]}
+    start_job(client, "j1", blobs["id"], test_dataset_id=test["id"], hyperparameters=hyperparameters)
     run_worker_until_idle(client.app)
     model_id = client.get("/training-jobs/j1").json()["model_id"]
     metrics = client.get(f"/models/{model_id}").json()["metrics"]
-    assert set(metrics) == {"train_msd", "train_ssd", "test_msd", "test_ssd"}
-    assert metrics["test_ssd"] == pytest.approx(3 * metrics["test_msd"])
+    assert set(metrics) == {"train:msd", "train:msd_full_pass", "train:ssd_full_pass", "test:msd", "test:ssd"}
+    assert metrics["test:ssd"] == pytest.approx(3 * metrics["test:msd"])
 
 
 def test_list_filters_by_status_and_paginates(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
@@ -313,3 +314,141 @@ def test_local_centers_are_bounded_so_a_stop_never_waits_long(client: TestClient
     response = client.post("/training-jobs", json=body)
     assert response.status_code == 400, response.text
     assert "CENTROID_MAX_LOCAL_CENTERS" in response.text and "extra_center_factor" in response.text
+
+
+# --- hyperparameter maps as SageMaker and its SDK write them; metric names (issue 13, part 3) ------
+
+#: ``HyperParameters`` of DescribeTrainingJob for a job the SageMaker Python SDK launched, as the
+#: KMeans container's "Final configuration" log shows it: every value a string.
+SDK_MAP = {
+    "k": "3",
+    "feature_dim": "2",
+    "init_method": "random",
+    "mini_batch_size": "5000",
+    "epochs": "1",
+    "extra_center_factor": "auto",
+    "local_lloyd_max_iter": "300",
+    "local_lloyd_tol": "0.0001",
+    "local_lloyd_init_method": "kmeans++",
+    "local_lloyd_num_trials": "auto",
+    "half_life_time_size": "0",
+    "eval_metrics": '["msd"]',
+    "force_dense": "True",
+    "_disable_wait_to_read": "false",
+    "_enable_profiler": "false",
+    "_kvstore": "auto",
+    "_log_level": "info",
+    "_num_gpus": "auto",
+    "_num_kv_servers": "1",
+    "_num_slices": "1",
+    "_tuning_objective_metric": "",
+}
+SAGEMAKER_ONLY = sorted(key for key in SDK_MAP if key == "force_dense" or key.startswith("_"))
+
+
+def test_an_sdk_hyperparameter_map_trains_locally_and_lists_what_was_ignored(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    job = start_job(client, "sdk", blobs["id"], hyperparameters=SDK_MAP)
+    assert (
+        job["ignored_hyperparameters"]
+        == SAGEMAKER_ONLY
+        == [
+            "_disable_wait_to_read",
+            "_enable_profiler",
+            "_kvstore",
+            "_log_level",
+            "_num_gpus",
+            "_num_kv_servers",
+            "_num_slices",
+            "_tuning_objective_metric",
+            "force_dense",
+        ]
+    )
+    assert {key: job["hyperparameters"][key] for key in SAGEMAKER_ONLY} == {key: SDK_MAP[key] for key in SAGEMAKER_ONLY}
+    assert job["hyperparameters"]["k"] == 3 and job["hyperparameters"]["eval_metrics"] == ["msd"]
+    run_worker_until_idle(client.app)
+    done = client.get("/training-jobs/sdk").json()
+    assert done["status"] == "Completed", done
+    assert done["ignored_hyperparameters"] == SAGEMAKER_ONLY
+    model = client.get(f"/models/{done['model_id']}").json()
+    assert model["hyperparameters"]["force_dense"] == "True"
+    assert set(model["metrics"]) == {"train:msd", "train:msd_full_pass"}
+    # the SageMaker-only keys change nothing: the same job without them trains the same model
+    plain = {key: value for key, value in SDK_MAP.items() if key not in SAGEMAKER_ONLY}
+    start_job(client, "plain", blobs["id"], hyperparameters={**plain, "seed": 4})
+    start_job(client, "sdk-seeded", blobs["id"], hyperparameters={**SDK_MAP, "seed": 4})
+    run_worker_until_idle(client.app)
+    jobs = [client.get(f"/training-jobs/{name}").json() for name in ("plain", "sdk-seeded")]
+    assert [j["ignored_hyperparameters"] for j in jobs] == [[], SAGEMAKER_ONLY]
+    centroids = [client.get(f"/models/{j['model_id']}/centroids").json()["centroids"] for j in jobs]
+    assert centroids[0] == centroids[1]
+
+
+def test_sdk_values_are_accepted_in_every_form_sagemaker_takes(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
+    forms = {"force_dense": True, "_enable_profiler": "FALSE", "_num_gpus": 0, "_num_kv_servers": "auto"}
+    job = start_job(client, "forms", blobs["id"], hyperparameters={"k": 3, **forms})
+    assert {key: job["hyperparameters"][key] for key in forms} == {
+        "force_dense": "True",  # a JSON boolean becomes the string the SDK writes
+        "_enable_profiler": "FALSE",
+        "_num_gpus": "0",
+        "_num_kv_servers": "auto",
+    }
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "problems"),
+    [
+        ({"force_dense": "yes"}, {"force_dense": "must be 'true' or 'false' (any case) (got 'yes')"}),
+        ({"_num_slices": "0"}, {"_num_slices": "must be an integer >= 1 (got '0')"}),
+        ({"_num_gpus": "two"}, {"_num_gpus": "must be an integer >= 0 or 'auto' (got 'two')"}),
+        ({"_log_level": ["info"]}, {"_log_level": "must be a string, a number or a boolean (got ['info'])"}),
+        ({"_num_cpus": "1", "force_dense": "true"}, {"_num_cpus": "unknown hyperparameter"}),
+        ({"sagemaker_extras": {"force_dense": "true"}}, {"sagemaker_extras": "unknown hyperparameter"}),
+    ],
+)
+def test_sagemaker_only_keys_with_bad_values_and_unknown_names_are_refused(
+    client: TestClient,
+    blobs: dict,  # type: ignore[type-arg]
+    hyperparameters: dict,  # type: ignore[type-arg]
+    problems: dict[str, str],
+) -> None:
+    request = {"name": "bad", "train_dataset_id": blobs["id"], "hyperparameters": {"k": 3, **hyperparameters}}
+    error = assert_error(client.post("/training-jobs", json=request), 400, "invalid_input", "invalid hyperparameters")
+    assert {d["parameter"]: d["message"] for d in error["details"]} == problems
+    assert client.get("/training-jobs").json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    ("eval_metrics", "expected"),
+    [
+        (None, {"train:msd", "train:msd_full_pass", "test:msd"}),
+        (["msd"], {"train:msd", "train:msd_full_pass", "test:msd"}),
+        ('["msd"]', {"train:msd", "train:msd_full_pass", "test:msd"}),
+        (["ssd"], {"train:msd", "train:ssd_full_pass", "test:ssd"}),
+        (["ssd", "msd"], {"train:msd", "train:msd_full_pass", "train:ssd_full_pass", "test:msd", "test:ssd"}),
+        ('["msd", "ssd"]', {"train:msd", "train:msd_full_pass", "train:ssd_full_pass", "test:msd", "test:ssd"}),
+    ],
+)
+def test_local_jobs_honour_eval_metrics(
+    client: TestClient, blobs: dict, eval_metrics: object, expected: set[str]
+) -> None:  # type: ignore[type-arg]
+    test = upload_csv(client, "test", b"id,x,y\nt1,0,0\nt2,10,0\nt3,0,10\n", "id")
+    hyperparameters = {"k": 3, "seed": 2} | ({} if eval_metrics is None else {"eval_metrics": eval_metrics})
+    start_job(client, "j1", blobs["id"], test_dataset_id=test["id"], hyperparameters=hyperparameters)
+    run_worker_until_idle(client.app)
+    model_id = client.get("/training-jobs/j1").json()["model_id"]
+    metrics = client.get(f"/models/{model_id}").json()["metrics"]
+    assert set(metrics) == expected
+    # SageMaker's train:msd (the local centers against the final ones) is not the full pass
+    if "train:msd_full_pass" in metrics:
+        assert metrics["train:msd"] != metrics["train:msd_full_pass"]
+
+
+def test_sagemaker_jobs_list_the_seed_as_ignored() -> None:
+    from service.jobs.service import ignored_hyperparameters
+
+    assert ignored_hyperparameters("sagemaker", {"k": 3, "seed": 7, "force_dense": "True"}) == ["seed"]
+    assert ignored_hyperparameters("sagemaker", {"k": 3, "seed": None}) == []
+    assert ignored_hyperparameters("local", {"k": 3, "seed": 7, "_kvstore": "auto", "force_dense": "True"}) == [
+        "_kvstore",
+        "force_dense",
+    ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import re
+import struct
 import tarfile
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.engine import read_model_tar, write_model_tar
+from service.engine.mxnet_format import read_model_state
 from tests.helpers import (
     BLOBS_CSV,
     assert_error,
@@ -66,11 +70,26 @@ def test_artifact_is_sagemaker_format_with_the_centroids(client: TestClient) -> 
     response = client.get(f"/models/{model['id']}/artifact")
     assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
     with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
-        assert archive.getnames() == ["model_algo-1"]
+        assert archive.getnames()[0] == "model_algo-1"
     centroids = read_model_tar(response.content)
     assert centroids.dtype == np.float32
     np.testing.assert_allclose(centroids, client.get(f"/models/{model['id']}/centroids").json()["centroids"])
     assert len(response.content) == model["artifact_size"]
+
+
+def test_artifact_holds_the_state_member_like_sagemakers(client: TestClient) -> None:
+    """model_algo-1 then state_<uuid4> (the K local centers and their weights), as SageMaker writes."""
+    blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
+    model = trained_model(client, blobs["id"])  # k = 3 on 60 rows: K = 30 local centers
+    data = client.get(f"/models/{model['id']}/artifact").content
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        names = archive.getnames()
+    assert len(names) == 2, names
+    assert names[0] == "model_algo-1"
+    assert re.fullmatch(r"state_[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", names[1])
+    state = read_model_state(data)
+    assert state is not None and state.centers.shape == (30, 2)
+    assert state.weights.sum() == 30 + 60  # each center starts at 1, then each row counts once
 
 
 def test_import_a_real_sagemaker_artifact_and_serve_it_locally(client: TestClient) -> None:
@@ -86,6 +105,26 @@ def test_import_a_real_sagemaker_artifact_and_serve_it_locally(client: TestClien
     result = client.post("/endpoints/imported/invocations", content=rows, headers={"content-type": "text/csv"}).json()
     assert [p["closest_cluster"] for p in result["predictions"]] == [0.0, 1.0, 2.0]
     assert all(p["distance_to_cluster"] == pytest.approx(0, abs=1e-4) for p in result["predictions"])
+
+
+def test_import_a_legacy_mxnet_model(client: TestClient) -> None:
+    """Old MXNet wrote arrays without a magic: u32 ndim, u32 dims, context, type flag, data."""
+    centers = np.array([[0.5, -1.0], [3.0, 4.0], [10.0, 10.0]], "<f4")
+    payload = (
+        struct.pack("<QQQ", 0x112, 0, 1)
+        + struct.pack("<3I", 2, *centers.shape)
+        + struct.pack("<iii", 1, 0, 0)
+        + centers.tobytes()
+        + struct.pack("<Q", 0)
+    )
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        info = tarfile.TarInfo("model_algo-1")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    model = import_model(client, gzip.compress(out.getvalue()), "x,y", name="legacy")
+    assert model["k"] == 3 and model["feature_dim"] == 2
+    np.testing.assert_array_equal(client.get(f"/models/{model['id']}/centroids").json()["centroids"], centers)
 
 
 def test_import_accepts_json_feature_names(client: TestClient) -> None:
@@ -184,3 +223,48 @@ def test_a_json_number_too_long_to_read_is_a_400(client: TestClient) -> None:
     body = '{"name": "j", "train_dataset_id": "ds-x", "hyperparameters": {"k": ' + "9" * 5000 + "}}"
     response = client.post("/training-jobs", content=body, headers={"content-type": "application/json"})
     assert response.status_code in (400, 422), response.text
+
+
+# --- metric names (issue 13, part 3) --------------------------------------------------------------
+
+
+def test_models_report_metrics_under_sagemaker_names_with_the_full_pass_figure_of_its_own(client: TestClient) -> None:
+    blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
+    model = trained_model(client, blobs["id"], hyperparameters={"k": 3, "seed": 5, "eval_metrics": '["ssd","msd"]'})
+    assert set(model["metrics"]) == {"train:msd", "train:msd_full_pass", "train:ssd_full_pass"}
+    # the full pass: every training row against the model's centroids (numpy as the oracle)
+    features = np.array([[float(v) for v in line.split(",")[1:3]] for line in BLOBS_CSV.decode().splitlines()[1:]])
+    centroids = np.array(client.get(f"/models/{model['id']}/centroids").json()["centroids"])
+    squared = ((features[:, None, :] - centroids[None]) ** 2).sum(axis=2).min(axis=1)
+    assert model["metrics"]["train:msd_full_pass"] == pytest.approx(squared.mean(), rel=1e-9)
+    assert model["metrics"]["train:ssd_full_pass"] == pytest.approx(squared.sum(), rel=1e-9)
+    # SageMaker's train:msd comes from the reduction of the local centers: smaller than the pass
+    assert 0 <= model["metrics"]["train:msd"] < model["metrics"]["train:msd_full_pass"]
+
+
+def test_metrics_stored_under_the_old_names_are_shown_under_the_new_ones(client: TestClient) -> None:
+    from sqlalchemy import update
+
+    from service.db.tables import ModelTable
+
+    blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
+    local = trained_model(client, blobs["id"], name="old-local")
+    remote = trained_model(client, blobs["id"], name="old-sagemaker")
+    old_local = {"train_msd": 0.25, "train_ssd": 15.0, "test_msd": 0.5, "test_ssd": 1.5}
+    old_sagemaker = {"train_msd": 0.04, "test_msd": 0.05, "test_ssd": 0.2, "train_throughput": 9.0}
+    with client.app.state.centroid.database.session() as session:  # type: ignore[attr-defined]
+        session.execute(update(ModelTable).where(ModelTable.id == local["id"]).values(metrics=old_local))
+        session.execute(  # as the SageMaker backend registered models before: no engine version
+            update(ModelTable)
+            .where(ModelTable.id == remote["id"])
+            .values(metrics=old_sagemaker, engine_version=None, cluster_sizes=None)
+        )
+        session.commit()
+    expected = {
+        local["id"]: {"train:msd_full_pass": 0.25, "train:ssd_full_pass": 15.0, "test:msd": 0.5, "test:ssd": 1.5},
+        remote["id"]: {"train:msd": 0.04, "test:msd": 0.05, "test:ssd": 0.2, "train:throughput": 9.0},
+    }
+    for model_id, metrics in expected.items():
+        assert client.get(f"/models/{model_id}").json()["metrics"] == metrics
+    listed = {item["id"]: item["metrics"] for item in client.get("/models").json()["items"]}
+    assert listed == expected

@@ -320,3 +320,172 @@ def test_ceiling_problems_come_with_the_other_problems_and_skip_invalid_values()
 def test_unknown_ceilings_are_a_programming_error() -> None:
     with pytest.raises(ValueError, match="no ceiling can be set for 'seed'"):
         KMeansHyperparameters.from_mapping(BASE, ceilings={"seed": 1})
+
+
+# --- maps as SageMaker and its SDK write them (issue 13, part 3) -----------------------------------
+
+#: ``HyperParameters`` of DescribeTrainingJob for a job the SageMaker Python SDK launched, as the
+#: KMeans container's "Final configuration" log shows it: every value a string.
+SDK_MAP = {
+    "k": "8",
+    "feature_dim": "7",
+    "init_method": "random",
+    "mini_batch_size": "5000",
+    "epochs": "1",
+    "extra_center_factor": "auto",
+    "local_lloyd_max_iter": "300",
+    "local_lloyd_tol": "0.0001",
+    "local_lloyd_init_method": "kmeans++",
+    "local_lloyd_num_trials": "auto",
+    "half_life_time_size": "0",
+    "eval_metrics": '["msd"]',
+    "force_dense": "True",
+    "_disable_wait_to_read": "false",
+    "_enable_profiler": "false",
+    "_kvstore": "auto",
+    "_log_level": "info",
+    "_num_gpus": "auto",
+    "_num_kv_servers": "1",
+    "_num_slices": "1",
+    "_tuning_objective_metric": "",
+}
+EXTRAS = {key: value for key, value in SDK_MAP.items() if key == "force_dense" or key.startswith("_")}
+
+
+def test_an_sdk_map_is_accepted_and_its_sagemaker_only_keys_kept_as_given() -> None:
+    from service.engine.hyperparameters import SAGEMAKER_CONTAINER_PARAMETERS
+
+    assert set(SAGEMAKER_CONTAINER_PARAMETERS) == set(EXTRAS)
+    hp = KMeansHyperparameters.from_mapping(SDK_MAP)
+    assert hp.sagemaker_extras == tuple(sorted(EXTRAS.items()))
+    assert hp.to_sagemaker() == SDK_MAP  # SageMaker gets every key and value back unchanged
+    assert KMeansHyperparameters.from_mapping(hp.to_dict()) == hp
+    assert KMeansHyperparameters.from_mapping(json.loads(json.dumps(hp.to_dict()))) == hp
+    plain = KMeansHyperparameters.from_mapping({k: v for k, v in SDK_MAP.items() if k not in EXTRAS})
+    assert plain == KMeansHyperparameters(k=8, feature_dim=7) and plain.sagemaker_extras == ()
+    # the engine's hyperparameters are the same with or without them
+    assert {**hp.to_dict(), **dict.fromkeys(EXTRAS)} == {**plain.to_dict(), **dict.fromkeys(EXTRAS)}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "kept"),
+    [
+        ("force_dense", "True", "True"),
+        ("force_dense", "false", "false"),
+        ("force_dense", "FALSE", "FALSE"),
+        ("force_dense", True, "True"),
+        ("_enable_profiler", False, "False"),
+        ("_num_gpus", "auto", "auto"),
+        ("_num_gpus", "0", "0"),
+        ("_num_gpus", 2, "2"),
+        ("_num_kv_servers", "AUTO", "AUTO"),
+        ("_num_slices", np.int64(3), "3"),
+        ("_kvstore", "dist_sync", "dist_sync"),
+        ("_log_level", "debug", "debug"),
+        ("_tuning_objective_metric", "test:msd", "test:msd"),
+        ("_tuning_objective_metric", "", ""),
+    ],
+)
+def test_sagemaker_only_values_in_sagemakers_forms(name: str, value: object, kept: str) -> None:
+    assert dict(parse(**{name: value}).sagemaker_extras) == {name: kept}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rule"),
+    [
+        ("force_dense", "yes", "must be 'true' or 'false' (any case)"),
+        ("force_dense", 1, "must be 'true' or 'false' (any case)"),
+        ("_disable_wait_to_read", None, "must be 'true' or 'false' (any case)"),
+        ("_num_gpus", "-1", "must be an integer >= 0 or 'auto'"),
+        ("_num_gpus", "1.0", "must be an integer >= 0 or 'auto'"),
+        ("_num_kv_servers", "0", "must be an integer >= 1 or 'auto'"),
+        ("_num_slices", "auto", "must be an integer >= 1"),
+        ("_num_slices", True, "must be an integer >= 1"),
+        ("_kvstore", ["auto"], "must be a string, a number or a boolean"),
+        ("_log_level", "x" * 300, "must be at most 256 characters"),
+    ],
+)
+def test_sagemaker_only_values_outside_sagemakers_forms_are_problems(name: str, value: object, rule: str) -> None:
+    found = problems({**BASE, name: value})
+    assert list(found) == [name]
+    assert found[name].startswith(rule)
+
+
+def test_unknown_names_stay_problems_beside_sagemaker_only_keys() -> None:
+    found = problems({**SDK_MAP, "_num_cpus": "2", "forcedense": "True", "sagemaker_extras": "x"})
+    assert found == {
+        "_num_cpus": "unknown hyperparameter",
+        "forcedense": "unknown hyperparameter",
+        "sagemaker_extras": "unknown hyperparameter",
+    }
+
+
+def test_direct_construction_takes_sagemaker_only_keys_as_a_mapping() -> None:
+    hp = KMeansHyperparameters(k=3, feature_dim=2, sagemaker_extras={"force_dense": True, "_kvstore": "auto"})  # type: ignore[arg-type]
+    assert hp.sagemaker_extras == (("_kvstore", "auto"), ("force_dense", "True"))
+    assert hash(hp) == hash(KMeansHyperparameters.from_mapping({"k": 3, "feature_dim": 2, **dict(hp.sagemaker_extras)}))
+    with pytest.raises(HyperparameterError, match="colour: unknown hyperparameter"):
+        KMeansHyperparameters(k=3, feature_dim=2, sagemaker_extras={"colour": "red"})  # type: ignore[arg-type]
+
+
+# --- eval_metrics: what a fit reports, and under which names ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("eval_metrics", "names"),
+    [
+        ('["msd"]', ["train:msd", "train:msd_full_pass", "test:msd"]),
+        ('["ssd"]', ["train:msd", "train:ssd_full_pass", "test:ssd"]),
+        ('["ssd","msd"]', ["train:msd", "train:msd_full_pass", "train:ssd_full_pass", "test:msd", "test:ssd"]),
+    ],
+)
+def test_eval_metrics_choose_the_reported_metrics(eval_metrics: str, names: list[str]) -> None:
+    from sklearn.datasets import make_blobs
+    from sklearn.metrics import pairwise_distances_argmin_min
+
+    from service.engine import WebScaleKMeans
+
+    X, _ = make_blobs(n_samples=600, centers=4, n_features=3, random_state=3)
+    hp = KMeansHyperparameters.from_mapping({"k": 4, "feature_dim": 3, "seed": 1, "eval_metrics": eval_metrics})
+    model = WebScaleKMeans(hp).fit(X, test=X[:100])
+    reported = model.metrics_.reported(hp.eval_metrics)
+    assert list(reported) == names
+    without_test = WebScaleKMeans(hp).fit(X).metrics_.reported(hp.eval_metrics)
+    assert list(without_test) == [name for name in names if not name.startswith("test:")]
+    # SageMaker's train:msd: the local centers' weighted mean squared distance to the final centers
+    _, distances = pairwise_distances_argmin_min(model.local_centers_, model.cluster_centers_.astype(np.float64))
+    oracle = np.average(distances**2, weights=model.local_weights_)
+    assert reported["train:msd"] == pytest.approx(oracle, rel=1e-9)
+    # the full pass: every training point against the final centers
+    _, to_final = pairwise_distances_argmin_min(X, model.cluster_centers_.astype(np.float64))
+    full = {"train:msd_full_pass": np.mean(to_final**2), "train:ssd_full_pass": np.sum(to_final**2)}
+    for name, value in full.items():
+        if name in reported:
+            assert reported[name] == pytest.approx(value, rel=1e-9)
+    assert reported["train:msd"] < np.mean(to_final**2)  # not a pass over the data: a different figure
+
+
+def test_old_metric_names_map_to_the_current_ones() -> None:
+    from service.engine.metrics import current_metric_names
+
+    old_local = {"train_msd": 1.0, "train_ssd": 60.0, "test_msd": 2.0, "test_ssd": 6.0}
+    assert current_metric_names(old_local, local_engine=True) == {
+        "train:msd_full_pass": 1.0,
+        "train:ssd_full_pass": 60.0,
+        "test:msd": 2.0,
+        "test:ssd": 6.0,
+    }
+    old_sagemaker = {"train_msd": 0.5, "test_msd": 2.0, "train_progress": 100.0}
+    assert current_metric_names(old_sagemaker, local_engine=False) == {
+        "train:msd": 0.5,
+        "test:msd": 2.0,
+        "train:progress": 100.0,
+    }
+    current = {"train:msd": 0.5, "train:msd_full_pass": 1.0}
+    assert current_metric_names(current, local_engine=True) == current
+    assert current_metric_names({}, local_engine=True) == {}
+
+
+@pytest.mark.parametrize(("name", "value"), [("force_dense", " true"), ("_num_slices", "1 "), ("_num_gpus", " auto")])
+def test_sagemaker_only_values_are_sent_as_is_so_padding_is_refused(name: str, value: str) -> None:
+    assert list(problems({**BASE, name: value})) == [name]

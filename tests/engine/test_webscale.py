@@ -77,8 +77,23 @@ def test_local_centers_and_weights(blobs: tuple[np.ndarray, np.ndarray]) -> None
     X, _ = blobs
     model = fit(X, k=6, extra_center_factor=3, mini_batch_size=500, epochs=2, seed=1)
     assert model.local_centers_.shape == (18, 4)
-    assert model.local_weights_.sum() == pytest.approx(2 * len(X))  # every point counted once per epoch
+    # Every center starts at weight 1 (as SageMaker's), then every point counts once per epoch.
+    assert model.local_weights_.sum() == 18 + 2 * len(X)
+    assert (model.local_weights_ >= 1).all()
     assert model.cluster_centers_.shape == (6, 4) and model.cluster_centers_.dtype == np.float32
+    state = model.state_
+    assert state.centers is model.local_centers_ and state.weights is model.local_weights_
+
+
+def test_initial_weight_is_one_seeding_row_included() -> None:
+    """SageMaker's convention (docs/engine.md): with no decay, the local centers are weighted means
+    that include their seeding rows once, so sum(w) = K + epochs x n and sum(w c) = (sum of the K
+    seeding rows) + epochs x (sum of all rows). mini_batch_size < K makes the seeds the first K rows."""
+    X = np.random.default_rng(4).normal(size=(500, 3)) * [1.0, 5.0, 20.0] + [0.0, -3.0, 40.0]
+    model = fit(X, k=5, extra_center_factor=10, mini_batch_size=7, epochs=2, seed=0)
+    weights, centers = model.local_weights_, model.local_centers_
+    assert len(weights) == 50 and weights.sum() == 50 + 2 * len(X)
+    np.testing.assert_allclose((weights[:, None] * centers).sum(axis=0), X[:50].sum(axis=0) + 2 * X.sum(axis=0))
 
 
 def test_auto_extra_center_factor_is_ten_and_capped_by_rows() -> None:
@@ -93,22 +108,23 @@ def test_small_mini_batches_still_get_all_local_centers() -> None:
 
 
 def test_first_batch_is_processed_after_initialization() -> None:
-    """Initial centers start with count 0: with one center per row, one pass leaves each center on
-    its own row with weight 1 (the init batch was counted, not skipped)."""
+    """Initial centers start with weight 1: with one center per row, one pass leaves each center on
+    its own row with weight 2 (its seeding, then the init batch counted again, not skipped)."""
     X = np.random.default_rng(0).normal(size=(40, 3))
     model = fit(X, k=4, extra_center_factor=10, seed=0)
     assert sorted(map(tuple, model.local_centers_)) == sorted(map(tuple, X))
-    np.testing.assert_array_equal(model.local_weights_, np.ones(40))
+    np.testing.assert_array_equal(model.local_weights_, np.full(40, 2.0))
 
 
 def test_update_rule_on_a_hand_computed_case() -> None:
-    """Center at 0 with count 0 takes the first batch's mean; later p = m / (n + m)."""
+    """Centers seeded at 0 and 10 with weight 1; each batch moves them by p = m / (n + m)."""
     X = np.array([[0.0], [10.0], [2.0], [12.0], [4.0], [14.0]])
     model = fit(X, k=2, extra_center_factor=1, mini_batch_size=2, seed=0)
-    # Batch 1 {0, 10} seeds and sets the two centers; batch 2 {2, 12}: each center n=1, m=1 ->
-    # halfway; batch 3 {4, 14}: n=2, m=1 -> 1/3 of the way.
-    np.testing.assert_allclose(sorted(model.local_centers_[:, 0]), [2.0, 12.0])
-    np.testing.assert_array_equal(model.local_weights_, [3.0, 3.0])
+    # Batch 1 {0, 10} seeds the two centers (n=1), then is streamed: m=1 on its own seed, stays;
+    # batch 2 {2, 12}: n=2, m=1 -> 1/3 of the way (2/3, 32/3); batch 3 {4, 14}: n=3, m=1 -> 1/4 of
+    # the way. So each ends at the mean of {seed, 0 or 10, 2 or 12, 4 or 14}.
+    np.testing.assert_allclose(sorted(model.local_centers_[:, 0]), [1.5, 11.5])
+    np.testing.assert_array_equal(model.local_weights_, [4.0, 4.0])
 
 
 def _shifting_data() -> np.ndarray:
@@ -128,20 +144,39 @@ def test_half_life_decay_tracks_a_distribution_shift() -> None:
     # Without decay the centers average both phases (y ~ 2.5); with decay they follow the shift.
     np.testing.assert_allclose(remembering.cluster_centers_[:, 1], [2.5, 2.5], atol=0.3)
     np.testing.assert_allclose(forgetting.cluster_centers_[:, 1], [5.0, 5.0], atol=0.1)
-    # Total weight: 250 points per batch, each earlier batch weighs 2^(-250/500) less.
+    # Total weight: 250 points per batch, each earlier batch weighs 2^(-250/500) less; the 20
+    # initial weights of 1 have decayed over all 32 batches.
     ratio = 2 ** (-250 / 500)
-    expected = 250 * (1 - ratio**32) / (1 - ratio)
+    expected = 250 * (1 - ratio**32) / (1 - ratio) + 20 * ratio**32
     assert forgetting.local_weights_.sum() == pytest.approx(expected)
 
 
-def test_zero_weight_centers_are_dropped_or_kept_to_reach_k() -> None:
+def test_centers_that_win_no_points_keep_their_initial_weight() -> None:
     X = np.repeat(np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 0.0]]), 20, axis=0)
-    model = fit(X, k=3, seed=0)  # 30 local centers, only 3 distinct values get weight
-    assert (model.local_weights_ == 0).sum() == 27
+    model = fit(X, k=3, seed=0)  # 30 local centers on 3 distinct values; ties go to the lowest index
+    np.testing.assert_array_equal(np.sort(model.local_weights_), [1.0] * 27 + [21.0] * 3)
     np.testing.assert_allclose(np.sort(model.cluster_centers_, axis=0), [[0, 0], [5, 0], [9, 5]], atol=1e-6)
-    lopsided = np.vstack([np.zeros((100, 2)), [[5.0, 5.0]], [[9.0, 0.0]]])
+
+
+def test_zero_weight_centers_are_dropped_or_kept_to_reach_k() -> None:
+    """Weights only reach 0 by decay (2^-(b/h) underflows for b/h > 1074): such centers are
+    dropped, or kept with a tiny weight when fewer than k would remain."""
+    X = np.repeat(np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 0.0]]), 400, axis=0)
+    model = fit(X, k=3, mini_batch_size=1200, half_life_time_size=1, seed=0)
+    assert (model.local_weights_ == 0).sum() == 27  # only the 3 winners of the (only) batch weigh
+    np.testing.assert_allclose(np.sort(model.cluster_centers_, axis=0), [[0, 0], [5, 0], [9, 5]], atol=1e-6)
+    lopsided = np.vstack([np.zeros((1100, 2)), [[5.0, 5.0]], [[9.0, 0.0]]])
     with pytest.warns(Warning):  # scikit-learn notes it found fewer distinct clusters than k
-        few = fit(lopsided, k=3, extra_center_factor=1, init_method="random", seed=1)
+        few = fit(
+            lopsided,
+            k=3,
+            extra_center_factor=1,
+            init_method="random",
+            mini_batch_size=1102,
+            half_life_time_size=1,
+            seed=1,
+        )
+    assert (few.local_weights_ > 0).sum() < 3  # fewer than k weigh: the zero-weight centers were kept
     assert few.cluster_centers_.shape == (3, 2) and np.isfinite(few.cluster_centers_).all()
 
 

@@ -190,7 +190,14 @@ def test_training_on_sagemaker_end_to_end(sm_client: TestClient, aws: FakeSageMa
     model = sm_client.get(f"/models/{done['model_id']}").json()
     centroids = sm_client.get(f"/models/{model['id']}/centroids").json()["centroids"]
     np.testing.assert_array_equal(centroids, CENTERS.astype(np.float32))
-    assert model["metrics"] == {"train_msd": 0.0433, "test_msd": 0.0512, "test_ssd": 0.2048}
+    squared = np.min(((blob_features()[:, None, :] - CENTERS.astype(np.float32)[None]) ** 2).sum(axis=2), axis=1)
+    assert model["metrics"] == {
+        "train:msd": 0.0433,  # SageMaker's, as FinalMetricDataList reports it
+        "train:msd_full_pass": pytest.approx(squared.mean(), rel=1e-9),  # Centroid's pass over the data
+        "train:ssd_full_pass": pytest.approx(squared.sum(), rel=1e-9),
+        "test:msd": 0.0512,
+        "test:ssd": 0.2048,
+    }
     assert (model["k"], model["feature_names"], model["seed"], model["cluster_sizes"]) == (3, ["x", "y"], None, None)
     assert sm_client.get(f"/models/{model['id']}/artifact").content == write_model_tar(CENTERS)
 
@@ -478,3 +485,117 @@ def test_hyperparameters_sent_are_json_strings(sm_client: TestClient, aws: FakeS
     assert all(isinstance(value, str) for value in sent.values())
     assert (sent["mini_batch_size"], sent["epochs"], json.loads(sent["eval_metrics"])) == ("20", "2", ["msd"])
     assert "seed" not in sent
+
+
+# --- hyperparameter maps as SageMaker and its SDK write them; metric names (issue 13, part 3) ------
+
+#: ``HyperParameters`` of DescribeTrainingJob for a job the SageMaker Python SDK launched, as the
+#: KMeans container's "Final configuration" log shows it: every value a string.
+SDK_MAP = {
+    "k": "3",
+    "feature_dim": "2",
+    "init_method": "random",
+    "mini_batch_size": "5000",
+    "epochs": "1",
+    "extra_center_factor": "auto",
+    "local_lloyd_max_iter": "300",
+    "local_lloyd_tol": "0.0001",
+    "local_lloyd_init_method": "kmeans++",
+    "local_lloyd_num_trials": "auto",
+    "half_life_time_size": "0",
+    "eval_metrics": '["msd"]',
+    "force_dense": "True",
+    "_disable_wait_to_read": "false",
+    "_enable_profiler": "false",
+    "_kvstore": "auto",
+    "_log_level": "info",
+    "_num_gpus": "auto",
+    "_num_kv_servers": "1",
+    "_num_slices": "1",
+    "_tuning_objective_metric": "",
+}
+
+
+def test_an_sdk_hyperparameter_map_reaches_sagemaker_unchanged(
+    sm_client: TestClient, aws: FakeSageMaker, worker: Worker
+) -> None:
+    create_calls = record(backend_of(sm_client).client("sagemaker"), "CreateTrainingJob")
+    created = submit(sm_client, hyperparameters=SDK_MAP)
+    assert created["ignored_hyperparameters"] == []  # SageMaker uses every one of them
+    poll(worker)
+    sent = create_calls.params[0]["HyperParameters"]
+    assert sent == SDK_MAP  # every key, every value exactly as DescribeTrainingJob gave it
+    assert aws.training_job("sm-job").hyper_parameters == SDK_MAP  # ... and as SageMaker received it
+
+
+def test_the_seed_is_listed_as_ignored_on_sagemaker(sm_client: TestClient, aws: FakeSageMaker) -> None:
+    created = submit(sm_client, hyperparameters={**SDK_MAP, "seed": "5"})
+    assert created["ignored_hyperparameters"] == ["seed"]
+
+
+def test_an_unknown_name_in_a_sagemaker_map_is_still_refused(sm_client: TestClient, aws: FakeSageMaker) -> None:
+    dataset = upload_csv(sm_client, "blobs", BLOBS_CSV, "id")
+    body = {
+        "name": "sm-job",
+        "train_dataset_id": dataset["id"],
+        "backend": "sagemaker",
+        "hyperparameters": {**SDK_MAP, "_num_cpus": "4"},
+    }
+    error = assert_error(sm_client.post("/training-jobs", json=body), 400, "invalid_input", "_num_cpus")
+    assert error["details"] == [{"parameter": "_num_cpus", "message": "unknown hyperparameter"}]
+    assert aws.state.training_jobs == {}
+
+
+def test_metric_names_are_the_same_on_both_backends(sm_client: TestClient, aws: FakeSageMaker, worker: Worker) -> None:
+    test_set = upload_csv(sm_client, "holdout", TEST_CSV, "id")
+    hyperparameters = {**SDK_MAP, "eval_metrics": '["msd", "ssd"]'}
+    submit(sm_client, test_dataset_id=test_set["id"], hyperparameters=hyperparameters)
+    poll(worker)
+    aws.put_artifact("sm-job", write_model_tar(CENTERS))
+    aws.set_training(
+        "sm-job",
+        "Completed",
+        "Completed",
+        [("Completed", "Training job completed")],
+        final_metric_data_list=[
+            {"MetricName": "train:progress", "Value": 100.0, "Timestamp": 0},  # about the run, not the model
+            {"MetricName": "train:throughput", "Value": 2.4e5, "Timestamp": 0},
+            {"MetricName": "train:msd", "Value": 0.0433, "Timestamp": 0},
+            {"MetricName": "test:msd", "Value": 0.0512, "Timestamp": 0},
+            {"MetricName": "test:ssd", "Value": 0.2048, "Timestamp": 0},
+        ],
+    )
+    poll(worker)
+    remote = sm_client.get(f"/models/{job(sm_client)['model_id']}").json()
+
+    local_job = {
+        "name": "local-job",
+        "train_dataset_id": job(sm_client)["train_dataset_id"],
+        "test_dataset_id": test_set["id"],
+        "backend": "local",
+        "hyperparameters": hyperparameters,
+    }
+    accepted = sm_client.post("/training-jobs", json=local_job)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["ignored_hyperparameters"] == sorted(k for k in SDK_MAP if k[0] == "_" or k == "force_dense")
+    poll(worker)
+    local = sm_client.get(f"/models/{job(sm_client, 'local-job')['model_id']}").json()
+
+    names = {"train:msd", "train:msd_full_pass", "train:ssd_full_pass", "test:msd", "test:ssd"}
+    assert set(remote["metrics"]) == set(local["metrics"]) == names
+
+
+def test_full_pass_metrics_are_left_out_when_the_pass_would_outlast_the_lease(
+    sm_client: TestClient, aws: FakeSageMaker, worker: Worker
+) -> None:
+    submit(sm_client)
+    poll(worker)
+    backend = backend_of(sm_client)
+    backend.settings = backend.settings.model_copy(update={"lease_seconds": 1e-9})
+    complete(aws)
+    poll(worker)
+    done = job(sm_client)
+    assert done["status"] == "Completed"
+    assert "full-pass training metrics not computed" in done["status_message"]
+    metrics = sm_client.get(f"/models/{done['model_id']}").json()["metrics"]
+    assert metrics == {"train:msd": 0.0433, "test:msd": 0.0512, "test:ssd": 0.2048}

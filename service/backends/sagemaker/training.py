@@ -4,19 +4,30 @@ The first call streams the feature matrix from Parquet to S3 as headerless CSV a
 CreateTrainingJob; later calls poll DescribeTrainingJob and mirror it. On Completed the model
 artifact is downloaded and read with the engine's reader, so the model is registered like a
 local one (and can be served locally). Everything the next call needs is returned in ``remote``.
+
+The ``HyperParameters`` sent are the job's, SageMaker-only keys (``force_dense``, ``_num_gpus``,
+...) included exactly as given. The model's metrics are SageMaker's ``FinalMetricDataList``
+quality metrics under SageMaker's names (``train:msd``, ``test:msd``, ``test:ssd``), plus the
+full-pass training figures (``train:msd_full_pass``, ...) Centroid computes itself from the
+artifact's centroids and the training data when that pass fits in a third of the worker's lease
+(the poll runs without a heartbeat); otherwise they are left out and the job's message says so.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import time
 from typing import Any
+
+import numpy as np
 
 from service.backends.base import BackendNotConfigured, TrainedModel, TrainingSpec, TrainingUpdate
 from service.backends.sagemaker.client import AWS_FAILURES, AwsContext, NotFound, Permanent, aws_call, failure_text
 from service.backends.sagemaker.naming import kmeans_image
 from service.backends.sagemaker.s3 import download_artifact, s3_uri, upload_dataset
-from service.engine import ModelFormatError, read_model_tar
+from service.engine import EngineInputError, ModelFormatError, ParquetBatchSource, TrainingStopped, read_model_tar
+from service.engine.metrics import SAGEMAKER_QUALITY_METRICS, full_pass_metrics
+from service.engine.webscale import evaluate
 from service.statuses import JobStatus, SecondaryStatus
 
 log = logging.getLogger("centroid.sagemaker")
@@ -30,9 +41,13 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-def _metric_name(name: str) -> str:
-    """SageMaker's ``train:msd`` becomes ``train_msd`` like the local engine's metrics."""
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+def _final_metrics(described: dict[str, Any]) -> dict[str, float]:
+    """SageMaker's quality metrics from ``FinalMetricDataList``, under SageMaker's names."""
+    return {
+        str(item["MetricName"]): float(item["Value"])
+        for item in described.get("FinalMetricDataList") or []
+        if item.get("MetricName") in SAGEMAKER_QUALITY_METRICS and "Value" in item
+    }
 
 
 def _transitions(described: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -242,16 +257,36 @@ class TrainingJobs:
         if centroids.shape != expected:
             _fail(update, f"the model artifact at {uri} holds {centroids.shape} centroids, expected {expected}")
             return
-        metrics = {
-            _metric_name(str(item["MetricName"])): float(item["Value"])
-            for item in described.get("FinalMetricDataList") or []
-            if "MetricName" in item and "Value" in item
-        }
+        metrics = _final_metrics(described)
+        full_pass, skipped = self._full_pass(spec, centroids)
+        metrics |= full_pass
         update.remote["model_artifact_s3_uri"] = uri
-        update.message = "training job completed on SageMaker"
+        update.message = "training job completed on SageMaker" + (f"; {skipped}" if skipped else "")
         update.result = TrainedModel(
             centroids=centroids, artifact=artifact, metrics=metrics, cluster_sizes=None, engine_version=None, seed=None
         )
+
+    def _full_pass(self, spec: TrainingSpec, centroids: np.ndarray) -> tuple[dict[str, float], str | None]:
+        """The full-pass training metrics of SageMaker's centroids, computed here from the training
+        data; ({}, why) when the data cannot be read or the pass would outlast a third of the lease."""
+        budget = self.aws.settings.lease_seconds / 3
+        deadline = time.monotonic() + budget
+        try:
+            totals = evaluate(
+                ParquetBatchSource(spec.train.path, spec.train.columns),
+                centroids,
+                batch_size=spec.hyperparameters.mini_batch_size,
+                should_stop=lambda: time.monotonic() > deadline,
+            )
+        except TrainingStopped:
+            return (
+                {},
+                f"full-pass training metrics not computed: the pass outlasted a third of the lease ({budget:.3g} s)",
+            )
+        except (EngineInputError, OSError, ValueError) as exc:  # pyarrow's errors are OSError or ValueError
+            log.warning("full-pass metrics of %s not computed: %s", spec.job_name, exc)
+            return {}, "full-pass training metrics not computed: the training data could not be read"
+        return full_pass_metrics(totals.msd, totals.ssd, spec.hyperparameters.eval_metrics), None
 
     def _send_stop(self, name: str) -> None:
         try:
