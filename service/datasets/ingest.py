@@ -559,14 +559,23 @@ class RowGroupWriter:
     """Parquet output in row groups of exactly ``rows`` rows (the last one shorter), written on a
     background thread so parsing the next piece overlaps writing this one."""
 
-    def __init__(self, path: Path, schema: pa.Schema, rows: int, summary: SummaryBuilder | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        schema: pa.Schema,
+        rows: int,
+        summary: SummaryBuilder | None = None,
+        unique: str | None = None,
+    ) -> None:
+        """``unique`` names a text column whose values are all different (the key): it gets no
+        dictionary, which could never pay off and costs a hash of every value."""
         text = [f.name for f in schema if pa.types.is_large_string(f.type) or pa.types.is_string(f.type)]
         numeric = {f.name: "none" for f in schema if f.name not in text}  # random floats do not compress
         self._writer = pq.ParquetWriter(
             path,
             schema,
             compression={**{name: "snappy" for name in text}, **numeric},
-            use_dictionary=text,
+            use_dictionary=[name for name in text if name != unique],
             data_page_size=8 << 20,
         )
         self._path = path
@@ -991,7 +1000,7 @@ def _one_pass(
                 typer = ChunkTyper(plans)
                 columns = [{"name": plan.name, "dtype": plan.kind.dtype} for plan in plans]
                 summary = SummaryBuilder(columns)
-                writer = RowGroupWriter(out_path, parquet_schema(plans), row_group_rows, summary)
+                writer = RowGroupWriter(out_path, parquet_schema(plans), row_group_rows, summary, key_column)
             try:
                 typed = typer.type_piece(arrays, offset)
             except _Restart as restart:
