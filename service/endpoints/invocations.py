@@ -1,10 +1,17 @@
 """SageMaker KMeans's inference contract: request parsing and response rendering.
 
 Requests: ``text/csv`` (rows of numbers, no header), ``application/json``
-(``{"instances": [{"features": [...]}, ...]}``, or the dense ``{"data": {"features": {"values":
-[...]}}}`` form) or ``application/jsonlines`` (one instance object per line). Responses, by
-``Accept``: ``application/json`` (default) ``{"predictions": [{"closest_cluster": 1.0,
-"distance_to_cluster": 3.2}, ...]}``, ``application/jsonlines`` or ``text/csv``.
+(``{"instances": [instance, ...]}``), ``application/jsonlines`` (one instance per line) or
+``application/x-recordio-protobuf`` (SageMaker's RecordIO-wrapped ``Record`` protobuf, the SDK's
+default: :mod:`service.endpoints.recordio`). A JSON instance is SageMaker's common inference format:
+``{"features": [...]}``, a bare ``[...]``, or ``{"data": {"features": element}}`` where the element
+is a vector ``[...]`` or the protobuf equivalent ``{"values": [...]}`` (dense) /
+``{"keys": [...], "shape": [d], "values": [...]}`` (sparse: ``keys`` index into ``shape[0]``, which
+must be the model's feature count; missing entries are 0). Responses, by ``Accept``:
+``application/json`` (default) ``{"predictions": [{"closest_cluster": 1.0,
+"distance_to_cluster": 3.2}, ...]}``, ``application/jsonlines``, ``text/csv`` or
+``application/x-recordio-protobuf`` (one ``Record`` per row, ``closest_cluster`` and
+``distance_to_cluster`` in its label map).
 """
 
 from __future__ import annotations
@@ -20,14 +27,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from service.endpoints import recordio
+from service.endpoints.recordio import RECORDIO
 from service.engine import Prediction
 from service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
 
 JSON = "application/json"
 JSONLINES = "application/jsonlines"
 CSV = "text/csv"
-REQUEST_TYPES = {CSV: CSV, JSON: JSON, JSONLINES: JSONLINES, "application/x-jsonlines": JSONLINES}
-RESPONSE_TYPES = (JSON, JSONLINES, CSV)
+REQUEST_TYPES = {
+    CSV: CSV,
+    JSON: JSON,
+    JSONLINES: JSONLINES,
+    "application/x-jsonlines": JSONLINES,
+    RECORDIO: RECORDIO,
+}
+RESPONSE_TYPES = (JSON, JSONLINES, CSV, RECORDIO)
 _SMALL_CSV_BYTES = 4096  # below this a CSV body is split in Python; above, pyarrow's reader is faster
 
 
@@ -79,8 +94,11 @@ def parse_features(body: bytes, kind: str, feature_dim: int, max_rows: int) -> n
 
     Well-formed bodies take a fast path straight to float64 (no DataFrame, no per-cell Python for
     CSV); anything the fast path does not accept is parsed again by the exact path, which either
-    reads it the same way or says precisely what is wrong (row, column, value).
+    reads it the same way or says precisely what is wrong (row, column, value). RecordIO-protobuf
+    bodies are binary: :func:`service.endpoints.recordio.read_features` reads them.
     """
+    if kind == RECORDIO:
+        return recordio.read_features(body, feature_dim, max_rows)
     if not body.strip():
         raise InvalidInput("the request body is empty")
     _refuse_too_many_rows(body, kind, max_rows)
@@ -96,10 +114,10 @@ def parse_features(body: bytes, kind: str, feature_dim: int, max_rows: int) -> n
     if kind == CSV:
         rows = _csv_rows(text)
     elif kind == JSON:
-        rows = _json_rows(text)
+        rows = _json_rows(text, feature_dim)
     else:
         rows = [
-            _instance_features(_load_json(line, f"line {i}"), i)
+            _instance_features(_load_json(line, f"line {i}"), i, feature_dim)
             for i, line in enumerate(text.splitlines())
             if line.strip()
         ]
@@ -164,7 +182,7 @@ def _fast_json(body: bytes, kind: str, feature_dim: int) -> np.ndarray | None:
                 return None
         else:
             instances = [orjson.loads(line) for line in body.splitlines() if line.strip()]
-        rows = [_instance_features(instance, i) for i, instance in enumerate(instances)]
+        rows = [_instance_features(instance, i, feature_dim) for i, instance in enumerate(instances)]
     except (orjson.JSONDecodeError, TypeError, KeyError, InvalidInput):
         return None
     if not rows:
@@ -183,10 +201,13 @@ def _refuse_too_many_rows(body: bytes, kind: str, max_rows: int) -> None:
     """Cheap upper bound on the row count, checked before anything is parsed.
 
     CSV and JSON Lines rows end with ``\n``, ``\r\n`` or a lone ``\r`` (both parsers split on it);
-    every JSON instance form (``{"features": [...]}``, a bare ``[...]``, the dense
-    ``{"data": {"features": {"values": [...]}}}``) opens exactly one array, and ``instances`` one more.
+    every JSON instance form (``{"features": [...]}``, a bare ``[...]``, ``{"data": {"features":
+    [...]}}``, ``{"data": {"features": {"values": [...]}}}``) opens one array, and ``instances`` one
+    more; a sparse instance opens two more, after its ``"keys"`` and ``"shape"``.
     """
     estimate = body.count(b"[") - 1 if kind == JSON else max(body.count(b"\n"), body.count(b"\r"))
+    if estimate > max_rows + 1 and kind == JSON:
+        estimate -= body.count(b'"keys"') + body.count(b'"shape"')
     if estimate > max_rows + 1:
         raise _too_many(estimate, max_rows)
 
@@ -216,26 +237,72 @@ def _load_json(text: str, where: str) -> Any:
     return value
 
 
-def _json_rows(text: str) -> list[Any]:
+def _json_rows(text: str, feature_dim: int) -> list[Any]:
     document = _load_json(text, "body")
     if not isinstance(document, dict) or not isinstance(document.get("instances"), list):
         raise InvalidInput('the JSON body must be {"instances": [{"features": [...]}, ...]}')
-    return [_instance_features(instance, i) for i, instance in enumerate(document["instances"])]
+    return [_instance_features(instance, i, feature_dim) for i, instance in enumerate(document["instances"])]
 
 
-def _instance_features(instance: Any, row: int) -> Any:
-    """Accept {"features": [...]}, {"data": {"features": {"values": [...]}}}, or a bare list."""
+def _instance_features(instance: Any, row: int, feature_dim: int) -> Any:
+    """One instance's features as a list: ``{"features": element}``, ``{"data": {"features":
+    element}}`` or a bare list, where element is a list or the protobuf-equivalent object."""
     if isinstance(instance, list):
         return instance
     if isinstance(instance, dict):
-        if isinstance(instance.get("features"), list):
-            return instance["features"]
-        data = instance.get("data")
-        if isinstance(data, dict) and isinstance(data.get("features"), dict):
-            values = data["features"].get("values")
-            if isinstance(values, list):
-                return values
-    raise InvalidInput(f'instance {row}: expected {{"features": [numbers]}}', details={"row": row})
+        features = instance.get("features")
+        if features is None:
+            data = instance.get("data")
+            features = data.get("features") if isinstance(data, dict) else None
+        if isinstance(features, list):
+            return features
+        if isinstance(features, dict):
+            return _tensor_features(features, row, feature_dim)
+    raise InvalidInput(
+        f'instance {row}: expected {{"features": [numbers]}} or {{"data": {{"features": ...}}}}', details={"row": row}
+    )
+
+
+def _tensor_features(element: dict[str, Any], row: int, feature_dim: int) -> list[Any]:
+    """SageMaker's protobuf-equivalent JSON element: dense ``{"values": [...]}`` (``shape``, if
+    given, ``[feature_dim]``), or sparse ``{"keys": [...], "shape": [feature_dim], "values": [...]}``."""
+    where = {"row": row}
+    values, keys, shape = element.get("values"), element.get("keys"), element.get("shape")
+    for name, part in (("values", values), ("keys", keys), ("shape", shape)):
+        if part is not None and not isinstance(part, list):
+            raise InvalidInput(f"instance {row}: {name} must be a list", details=where)
+    if values is None:
+        raise InvalidInput(f'instance {row}: the features object has no "values"', details=where)
+    if shape is not None and shape != [feature_dim]:
+        raise InvalidInput(
+            f"instance {row}: shape {_shown(shape)} does not match the model's {feature_dim} features "
+            f"(send [{feature_dim}])",
+            details={**where, "expected": [feature_dim]},
+        )
+    if not keys:
+        if not values and shape is not None:
+            return [0.0] * feature_dim  # a sparse row with no stored value
+        return values
+    if shape is None:
+        raise InvalidInput(f"instance {row}: a sparse row (keys) needs a shape; send [{feature_dim}]", details=where)
+    if len(keys) != len(values):
+        raise InvalidInput(f"instance {row}: {len(keys)} keys but {len(values)} values", details=where)
+    dense: list[Any] = [0.0] * feature_dim
+    seen: set[int] = set()
+    for key, value in zip(keys, values, strict=True):
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise InvalidInput(f"instance {row}: key {_shown(key)} is not an integer", details=where)
+        if not 0 <= key < feature_dim:
+            raise InvalidInput(
+                f"instance {row}: key {_shown(key)} is out of range for shape [{feature_dim}] "
+                f"(keys are 0 to {feature_dim - 1})",
+                details={**where, "key": key if abs(key) < 2**63 else str(key)},
+            )
+        if key in seen:
+            raise InvalidInput(f"instance {row}: key {key} appears more than once", details={**where, "key": key})
+        seen.add(key)
+        dense[key] = value
+    return dense
 
 
 def _matrix(rows: list[Any], feature_dim: int) -> np.ndarray:
@@ -274,6 +341,8 @@ def _shown(value: Any) -> str:
 
 def render(prediction: Prediction, kind: str) -> bytes:
     """SageMaker's response body for ``kind``; clusters are floats, as SageMaker writes them."""
+    if kind == RECORDIO:
+        return recordio.write_predictions(prediction.closest_cluster, prediction.distance_to_cluster)
     clusters = prediction.closest_cluster.astype(np.float64).tolist()
     distances = prediction.distance_to_cluster.astype(np.float64).tolist()
     if kind == CSV:

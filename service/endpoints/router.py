@@ -23,7 +23,15 @@ from schemas.endpoints import (
     PredictionResponse,
 )
 from service.deps import AppState, app_state, db_session
-from service.endpoints.invocations import CSV, JSON, JSONLINES, media_type, request_format, response_format
+from service.endpoints.invocations import (
+    CSV,
+    JSON,
+    JSONLINES,
+    RECORDIO,
+    media_type,
+    request_format,
+    response_format,
+)
 from service.endpoints.service import EndpointService
 from service.endpoints.serving import ServingService
 from service.errors import PayloadTooLarge, UnsupportedMediaType
@@ -104,6 +112,46 @@ def delete_endpoint(name: str, service: Service) -> Any:
     return view(service.delete(name))
 
 
+_RECORDIO_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "format": "binary",
+    "description": "SageMaker's RecordIO-wrapped aialgs.data.Record protobuf (the SageMaker SDK's default for "
+    "KMeansPredictor): one record per row, features['values'] a float32, float64 or int32 tensor, dense or "
+    "sparse (keys, shape).",
+}
+_INSTANCE_SCHEMA: dict[str, Any] = {
+    "description": "SageMaker's common inference format: {'features': [...]}, a bare list, or {'data': "
+    "{'features': element}} where element is a list, {'values': [...]} or the sparse {'keys': [...], 'shape': "
+    "[feature count], 'values': [...]}.",
+    "anyOf": [
+        {"type": "array", "items": {"type": "number"}},
+        {"type": "object", "properties": {"features": {"type": "array", "items": {"type": "number"}}}},
+        {
+            "type": "object",
+            "properties": {
+                "data": {
+                    "type": "object",
+                    "properties": {
+                        "features": {
+                            "anyOf": [
+                                {"type": "array", "items": {"type": "number"}},
+                                {
+                                    "type": "object",
+                                    "required": ["values"],
+                                    "properties": {
+                                        "values": {"type": "array", "items": {"type": "number"}},
+                                        "keys": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                                    },
+                                },
+                            ]
+                        }
+                    },
+                }
+            },
+        },
+    ],
+}
 _INVOCATION_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -114,18 +162,13 @@ _INVOCATION_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["instances"],
                     "properties": {
-                        "instances": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {"features": {"type": "array", "items": {"type": "number"}}},
-                            },
-                        }
+                        "instances": {"type": "array", "items": _INSTANCE_SCHEMA},
                     },
                 },
                 "example": {"instances": [{"features": [13.2, 236, 58, 21.2, -0.85]}]},
             },
             JSONLINES: {"schema": {"type": "string"}, "example": '{"features": [13.2, 236, 58, 21.2, -0.85]}\n'},
+            RECORDIO: {"schema": _RECORDIO_SCHEMA},
         },
     }
 }
@@ -143,6 +186,14 @@ _INVOCATION_BODY: dict[str, Any] = {
                     "example": '{"closest_cluster": 1.0, "distance_to_cluster": 3.2}\n',
                 },
                 CSV: {"schema": {"type": "string"}, "example": "1.0,3.2\n"},
+                RECORDIO: {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "One RecordIO-wrapped aialgs.data.Record per row: label['closest_cluster'] "
+                        "and label['distance_to_cluster'], each a one-value float32 tensor.",
+                    }
+                },
             }
         },
         **error_responses(400, 404, 406, 409, 413, 415, 422),
@@ -150,10 +201,12 @@ _INVOCATION_BODY: dict[str, Any] = {
     openapi_extra=_INVOCATION_BODY,
 )
 async def invoke(name: str, request: Request) -> Response:
-    """SageMaker KMeans's inference contract: send `text/csv`, `application/json` or
-    `application/jsonlines` rows of features; get `closest_cluster` and `distance_to_cluster`
-    (Euclidean) per row, as JSON (default), JSON Lines or CSV per `Accept`. A client written for
-    a SageMaker endpoint works by changing only the URL."""
+    """SageMaker KMeans's inference contract: send `text/csv`, `application/json`,
+    `application/jsonlines` or `application/x-recordio-protobuf` rows of features (JSON instances
+    dense or sparse, as SageMaker's common data formats define them); get `closest_cluster` and
+    `distance_to_cluster` (Euclidean) per row, as JSON (default), JSON Lines, CSV or RecordIO-protobuf
+    per `Accept`. A client written for a SageMaker endpoint (the SageMaker SDK's `KMeansPredictor`
+    included) works by changing only the URL."""
     serving = serving_of(request)
     request_kind = request_format(request.headers.get("content-type"))
     response_kind = response_format(request.headers.get("accept"))
