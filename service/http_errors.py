@@ -15,13 +15,23 @@ Two kinds of failure are not the server's:
 
 Every line logged here carries the request id, also for errors answered outside the middleware
 that sets it (Starlette's ``ServerErrorMiddleware`` wraps everything).
+
+**AWS SDK clients** (a boto3 ``sagemaker-runtime`` client, the SageMaker SDK): a request that is
+SigV4-signed or carries ``amz-sdk-invocation-id`` (every AWS SDK sends it) is marked by the edge
+middleware (``scope["state"]["aws_client"]``) and its errors are answered as SageMaker Runtime
+answers them (:func:`aws_error_response`): the code in ``x-amzn-ErrorType``, ``Message`` in the body,
+``ModelError`` (424, ``OriginalStatusCode``, ``OriginalMessage``) for a payload the model refuses,
+``ValidationError`` (400) for an unknown endpoint; the body also holds Centroid's ``error`` object.
+Every other client gets the one JSON shape above, unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import traceback
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +66,10 @@ RETRY_AFTER_SECONDS = 5
 CLIENT_CLOSED_REQUEST = 499
 #: Status recorded when the server cut the request because its body did not arrive in time.
 REQUEST_TIMEOUT = 408
+#: ``scope["state"]`` key set (by ``service.middleware.EdgeMiddleware``) on a request from an AWS SDK.
+AWS_CLIENT = "aws_client"
+# SageMaker Runtime's operations (InvokeEndpoint, InvokeEndpointAsync, InvokeEndpointWithResponseStream).
+_RUNTIME_PATH = re.compile(r"^/endpoints/[^/]+/(invocations|async-invocations|invocations-response-stream)$")
 
 
 def _client_disconnect(exc: Exception) -> ClientDisconnect | None:
@@ -171,11 +185,59 @@ def _error_response(request: Request, exc: Exception, request_id: str | None, ou
         headers["x-request-id"] = request_id
     if error.status_code == 503:
         headers.setdefault("retry-after", str(RETRY_AFTER_SECONDS))
+    if request.scope.get("state", {}).get(AWS_CLIENT):
+        return aws_error_response(path, error, request_id, headers)
     return JSONResponse(
         status_code=error.status_code,
         content=error_body(error.code, error.message, error.details, request_id),
         headers=headers,
     )
+
+
+def sagemaker_error(path: str, error: AppError) -> tuple[int, str, dict[str, Any]]:
+    """The status, AWS error code and modelled fields SageMaker Runtime answers ``error`` with."""
+    aws_code: str | None = getattr(error, "aws_code", None)
+    status = error.status_code
+    if aws_code is not None:  # a refused signature (service.auth.SignatureRefused)
+        return 403, aws_code, {}
+    if status == 401:
+        return 403, "MissingAuthenticationTokenException", {}
+    if status == 403:
+        return 403, "AccessDeniedException", {}
+    if status == 503:
+        return 503, "ServiceUnavailable", {}
+    if status >= 500:
+        return 500, "InternalFailure", {}
+    if _RUNTIME_PATH.match(path):
+        if status in (404, 409):  # no such endpoint, or not InService
+            return 400, "ValidationError", {}
+        # What the model (the container, in SageMaker) refused: the payload, its type, what to answer.
+        return (
+            424,
+            "ModelError",
+            {
+                "Message": f'Received client error ({status}) from model with message "{error.message}".',
+                "OriginalStatusCode": status,
+                "OriginalMessage": error.message,
+            },
+        )
+    return status, "ValidationError", {}
+
+
+def aws_error_response(
+    path: str, error: AppError, request_id: str | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """``error`` in the shape botocore's rest-json parser reads (see :func:`sagemaker_error`): the code
+    in ``x-amzn-ErrorType``, ``Message`` and the modelled fields in the body, the request id in
+    ``x-amzn-RequestId``; Centroid's own ``error`` object rides along in the body."""
+    status, code, fields = sagemaker_error(path, error)
+    request_id = request_id or current_request_id()
+    answer = {key: value for key, value in (headers or {}).items() if key.lower() != "www-authenticate"}
+    answer["x-amzn-errortype"] = code
+    if request_id:
+        answer["x-amzn-requestid"] = request_id
+    body = {"Message": error.message, **fields, **error_body(error.code, error.message, error.details, request_id)}
+    return JSONResponse(body, status_code=status, headers=answer)
 
 
 _LOGGED = "_centroid_logged"

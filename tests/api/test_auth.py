@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -133,3 +134,166 @@ def test_serve_refuses_a_public_interface_without_keys(
     finally:
         get_settings.cache_clear()
     assert "refusing to listen on 0.0.0.0" in capsys.readouterr().err
+
+
+# --- SigV4: the key as an AWS access key id and secret (boto3 against a real server: test_boto3_clients.py) ---
+
+
+def sigv4(
+    key: str, method: str, path: str, body: bytes = b"", secret: str | None = None, **headers: str
+) -> dict[str, str]:
+    """The headers botocore's signer adds for ``key`` (the secret too, unless given)."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    request = AWSRequest(method=method, url=f"http://testserver{path}", data=body, headers=headers)
+    SigV4Auth(Credentials(key, key if secret is None else secret), "sagemaker", "eu-west-1").add_auth(request)
+    return dict(request.headers.items())
+
+
+def assert_aws_error(response: Any, status: int, code: str, fragment: str = "") -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["x-amzn-errortype"] == code
+    body = response.json()
+    assert fragment.lower() in body["Message"].lower(), body
+    assert body["error"]["request_id"] == response.headers["x-amzn-requestid"]
+    return body  # type: ignore[no-any-return]
+
+
+def test_a_signed_request_is_verified_and_scoped(secured: TestClient) -> None:
+    assert secured.get("/datasets", headers=sigv4(READER, "GET", "/datasets")).status_code == 200
+    assert secured.get("/datasets?limit=2", headers=sigv4(READER, "GET", "/datasets?limit=2")).status_code == 200
+    wrong = secured.get("/datasets", headers=sigv4(READER, "GET", "/datasets", secret=ADMIN))
+    assert_aws_error(wrong, 403, "InvalidSignatureException", "signature")
+    other_path = secured.get("/models", headers=sigv4(READER, "GET", "/datasets"))
+    assert_aws_error(other_path, 403, "InvalidSignatureException")
+    unknown = secured.get("/datasets", headers=sigv4(generate_key(), "GET", "/datasets"))
+    assert_aws_error(unknown, 403, "UnrecognizedClientException")
+    denied = secured.delete("/datasets/ds-x", headers=sigv4(READER, "DELETE", "/datasets/ds-x"))
+    assert_aws_error(denied, 403, "AccessDeniedException", "admin")
+    assert secured.delete("/datasets/ds-x", headers=sigv4(ADMIN, "DELETE", "/datasets/ds-x")).status_code == 404
+
+
+def test_a_signed_body_is_verified_before_the_application_sees_it(secured: TestClient) -> None:
+    path = "/endpoints/my%20ep/invocations"  # the name as sent (percent-encoded) is what was signed
+    headers = sigv4(READER, "POST", path, b"1,2\n", **{"Content-Type": "text/csv"})
+    response = secured.post(path, content=b"1,2\n", headers=headers)
+    assert_aws_error(response, 400, "ValidationError", "my ep")  # verified: the route answered
+    tampered = secured.post(path, content=b"3,4\n", headers=headers)
+    assert_aws_error(tampered, 403, "InvalidSignatureException")
+
+
+def test_the_payload_hash_header_and_unsigned_payloads(secured: TestClient) -> None:
+    import hashlib
+
+    path = "/endpoints/ep/invocations"
+    declared = {"Content-Type": "text/csv", "X-Amz-Content-SHA256": hashlib.sha256(b"1,2\n").hexdigest()}
+    response = secured.post(path, content=b"1,2\n", headers=sigv4(READER, "POST", path, b"1,2\n", **declared))
+    assert_aws_error(response, 400, "ValidationError")
+    lying = secured.post(path, content=b"1,3\n", headers=sigv4(READER, "POST", path, b"1,3\n", **declared))
+    assert_aws_error(lying, 403, "InvalidSignatureException", "x-amz-content-sha256")
+    unsigned = {"Content-Type": "text/csv", "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"}
+    response = secured.post(path, content=b"5,6\n", headers=sigv4(READER, "POST", path, b"1,2\n", **unsigned))
+    assert_aws_error(response, 400, "ValidationError")  # the body is not covered: accepted
+
+
+def test_a_signed_body_over_the_limit_is_refused(settings: Settings) -> None:
+    keys = [ApiKeyEntry(name="ops", scope="admin", sha256=hash_key(ADMIN))]
+    app = create_app(settings.model_copy(update={"api_keys": keys, "max_upload_bytes": 1000}))
+    path = "/endpoints/ep/invocations"
+    with TestClient(app) as client:
+        body = b"1,2\n" * 300
+        response = client.post(
+            path, content=body, headers=sigv4(ADMIN, "POST", path, body, **{"Content-Type": "text/csv"})
+        )
+        error = assert_aws_error(response, 424, "ModelError")
+        assert error["OriginalStatusCode"] == 413
+
+
+def test_malformed_or_undated_signatures_are_incomplete(secured: TestClient) -> None:
+    headers = sigv4(READER, "GET", "/datasets")
+    for authorization in (
+        "AWS4-HMAC-SHA256 Credential=abc",
+        headers["Authorization"].replace("/aws4_request", "/other"),
+        headers["Authorization"].split(", Signature=")[0],
+    ):
+        response = secured.get("/datasets", headers={**headers, "Authorization": authorization})
+        assert_aws_error(response, 403, "IncompleteSignatureException")
+    undated = {name: value for name, value in headers.items() if name != "X-Amz-Date"}
+    assert_aws_error(secured.get("/datasets", headers=undated), 403, "IncompleteSignatureException", "X-Amz-Date")
+
+
+def test_a_date_header_may_stand_for_x_amz_date(secured: TestClient) -> None:
+    from email.utils import formatdate
+
+    headers = sigv4(READER, "GET", "/datasets", Date=formatdate(usegmt=True))
+    assert "X-Amz-Date" not in headers
+    assert secured.get("/datasets", headers=headers).status_code == 200
+
+
+def test_the_clock_window_is_fifteen_minutes() -> None:
+    from service.auth import SignatureRefused
+
+    key = generate_key()
+    authenticator = Authenticator([ApiKeyEntry(name="k", scope="read", sha256=hash_key(key))])
+    headers = sigv4(key, "GET", "/datasets")
+    raw = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    import calendar
+    import time
+
+    signed_at = calendar.timegm(time.strptime(headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+    for skew in (-899, 0, 899):
+        pending = authenticator.check_signed("GET", "/datasets", headers["Authorization"], raw, now=signed_at + skew)
+        assert pending is not None and pending.entry.name == "k"
+        pending.verify("GET", "/datasets", "", [*raw, (b"host", b"testserver")], b"")
+    for skew, fragment in ((-901, "not yet current"), (901, "expired")):
+        with pytest.raises(SignatureRefused, match=fragment) as refused:
+            authenticator.check_signed("GET", "/datasets", headers["Authorization"], raw, now=signed_at + skew)
+        assert refused.value.aws_code == "InvalidSignatureException"
+
+
+def test_open_paths_need_no_signature(secured: TestClient) -> None:
+    assert secured.get("/healthz", headers=sigv4("anything", "GET", "/healthz")).status_code == 200
+
+
+def test_open_servers_check_no_signature(client: TestClient) -> None:
+    # Without keys, a boto3 client signs with whatever it has: nothing is checked, errors are SageMaker's.
+    assert client.get("/datasets", headers=sigv4("AKIDEXAMPLE", "GET", "/datasets")).status_code == 200
+    path = "/endpoints/none/invocations"
+    signed = sigv4("AKIDEXAMPLE", "POST", path, b"1", **{"Content-Type": "text/csv"})
+    response = client.post(path, content=b"1", headers=signed)
+    assert_aws_error(response, 400, "ValidationError", "none")
+
+
+def test_aws_sdk_clients_get_aws_errors_and_others_the_json_body(secured: TestClient) -> None:
+    sdk = {"amz-sdk-invocation-id": "4b6f0d9e-0000-4000-8000-000000000000"}
+    unsigned = secured.get("/datasets", headers=sdk)
+    assert_aws_error(unsigned, 403, "MissingAuthenticationTokenException", "missing API key")
+    assert "www-authenticate" not in unsigned.headers
+    response = secured.post(
+        "/endpoints/none/invocations", content="1,2", headers={**sdk, **bearer(READER), "content-type": "text/csv"}
+    )
+    assert_aws_error(response, 400, "ValidationError")
+    gzip = secured.post(
+        "/endpoints/none/invocations",
+        content=b"x",
+        headers={**sdk, **bearer(READER), "content-type": "text/csv", "content-encoding": "gzip"},
+    )
+    assert assert_aws_error(gzip, 424, "ModelError")["OriginalStatusCode"] == 415
+    plain = secured.post(
+        "/endpoints/none/invocations", content="1,2", headers={**bearer(READER), "content-type": "text/csv"}
+    )
+    assert_error(plain, 404, "not_found")
+    assert "x-amzn-errortype" not in plain.headers
+
+
+def test_a_streamed_signed_body_over_the_limit_is_refused_while_read(settings: Settings) -> None:
+    keys = [ApiKeyEntry(name="ops", scope="admin", sha256=hash_key(ADMIN))]
+    app = create_app(settings.model_copy(update={"api_keys": keys, "max_upload_bytes": 1000}))
+    path = "/endpoints/ep/invocations"
+    body = b"1,2\n" * 300
+    headers = sigv4(ADMIN, "POST", path, body, **{"Content-Type": "text/csv"})
+    with TestClient(app) as client:
+        response = client.post(path, content=iter([body[:600], body[600:]]), headers=headers)
+        assert assert_aws_error(response, 424, "ModelError")["OriginalStatusCode"] == 413
