@@ -6,7 +6,7 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
 from service.statuses import DatasetTaskStatus
 
@@ -62,10 +62,120 @@ class DatasetCreate(BaseModel):
     _check_name = field_validator("name")(_no_control_chars)
 
 
+# Most objects one S3 dataset may have (data objects and the ones skipped, e.g. `_SUCCESS`).
+MAX_S3_OBJECTS = 1000
+S3_DELIMITERS = (",", ";", "\t", "|")
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$"
+
+
+class S3DatasetCreate(BaseModel):
+    """Register data that already lives in S3 as a dataset: nothing is copied into Centroid."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "clicks-2026-11", "uri": "s3://analytics-bucket/clicks/2026-11/", "format": "parquet"},
+                {
+                    "name": "features-headerless",
+                    "uri": "s3://ml-bucket/kmeans/train/",
+                    "format": "csv",
+                    "header": False,
+                    "columns": ["Murder", "Assault", "UrbanPop", "Rape"],
+                },
+            ]
+        },
+    )
+
+    name: Name
+    uri: str = Field(
+        min_length=8,
+        max_length=1100,
+        pattern=S3_URI_PATTERN,
+        description="`s3://bucket/prefix/`: every object under the prefix (a folder; a trailing `/` is implied) is "
+        "part of the dataset, in key order. Objects of zero bytes and those whose name starts with `_` or `.` "
+        f"(`_SUCCESS`, `.crc` files) are skipped. At most {MAX_S3_OBJECTS} objects.",
+        examples=["s3://analytics-bucket/clicks/2026-11/"],
+    )
+    format: Literal["csv", "parquet", "auto"] = Field(
+        default="auto",
+        description="`auto`: from the objects' extensions (`.csv`, `.tsv`, `.txt` are CSV; `.parquet`, `.parq`, "
+        "`.pq` are Parquet). Every object must be of the one format; compressed objects are refused.",
+    )
+    key_column: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Column whose values label the rows (read as text; not checked for uniqueness, which would "
+        "mean reading every key).",
+        examples=["State"],
+    )
+    header: bool | None = Field(
+        default=None,
+        description="CSV only: whether each object starts with a header row. Default: a header unless every "
+        "field of the first line is a number.",
+    )
+    delimiter: Literal[",", ";", "\t", "|"] = Field(default=",", description="CSV only: the field delimiter.")
+    columns: list[ColumnName] | None = Field(
+        default=None,
+        min_length=1,
+        description="CSV without a header only: the column names, in order (default `f0`, `f1`, ...).",
+        examples=[["Murder", "Assault", "UrbanPop", "Rape"]],
+    )
+
+    _check_name = field_validator("name")(_no_control_chars)
+
+    @model_validator(mode="after")
+    def _csv_fields(self) -> S3DatasetCreate:
+        if self.format == "parquet" and (self.header is not None or self.delimiter != "," or self.columns):
+            raise ValueError("header, delimiter and columns apply to CSV objects only")
+        if self.columns is not None and self.header is not False:
+            raise ValueError("columns name the fields of CSV objects without a header: send header: false")
+        if self.columns is not None and len(set(self.columns)) != len(self.columns):
+            raise ValueError("columns must not repeat")
+        return self
+
+
+class DatasetLocation(BaseModel):
+    """Where the rows of a dataset registered from S3 are (Centroid holds no copy of them)."""
+
+    uri: str = Field(description="The S3 prefix the objects were listed under.", examples=["s3://bucket/clicks/"])
+    format: Literal["csv", "parquet"] = Field(description="The objects' format.")
+    header: bool | None = Field(description="CSV: whether the objects start with a header row (null for Parquet).")
+    delimiter: str | None = Field(description="CSV: the field delimiter (null for Parquet).", examples=[","])
+    objects: int = Field(description="Data objects, read in key order.", examples=[12])
+    skipped_objects: int = Field(
+        description="Objects under the prefix that are not data (empty, or named `_...` / `.…`).", examples=[1]
+    )
+    sagemaker_direct: bool = Field(
+        description="The objects are headerless numeric CSV without nulls and nothing else is under the prefix: a "
+        "SageMaker job whose features are all the columns, in order, reads them where they are (its `train` "
+        "channel is this URI); any other job converts the features once, to Centroid's prefix."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_stored(cls, value: Any) -> Any:
+        """The stored location (``datasets.location``) lists every object; the view counts them."""
+        if isinstance(value, dict) and isinstance(value.get("objects"), list):
+            csv = value.get("csv") or {}
+            return {
+                "uri": value.get("uri"),
+                "format": value.get("format"),
+                "header": csv.get("header"),
+                "delimiter": csv.get("delimiter"),
+                "objects": len(value["objects"]),
+                "skipped_objects": len(value.get("skipped") or []),
+                "sagemaker_direct": bool(value.get("sagemaker_direct")),
+            }
+        return value
+
+
 class RecipeSummary(BaseModel):
     """A recipe's shape, without its steps (what listings show)."""
 
-    source: Literal["upload", "json", "derived"] = Field(description="How the dataset came to be.")
+    source: Literal["upload", "json", "derived", "s3"] = Field(
+        description="How the dataset came to be (`s3`: registered from S3 with `POST /datasets/s3`)."
+    )
     parent_id: str | None = Field(description="The dataset it was derived from (null for uploads).")
     inputs: list[str] = Field(description="Datasets its steps read directly: the parent, then each join's other side.")
     depth: int = Field(description="Longest chain of derives from an upload (an upload is 0).", examples=[2])
@@ -82,8 +192,15 @@ class DatasetListItem(BaseModel):
     key_column: str | None = Field(description="Column labelling each row, if any.", examples=["State"])
     columns: list[ColumnInfo] = Field(description="Columns in order, with their types.")
     row_count: int = Field(description="Number of rows.", examples=[50])
-    size_bytes: int = Field(description="Size of the stored Parquet file.", examples=[4096])
+    size_bytes: int = Field(
+        description="Size of the stored Parquet file (a dataset in S3: of its data objects).", examples=[4096]
+    )
     recipe_summary: RecipeSummary | None = Field(description="The recipe's source, inputs and size.")
+    location: DatasetLocation | None = Field(
+        default=None,
+        description="Where the rows are, for a dataset registered from S3 (`POST /datasets/s3`); null for the "
+        "datasets Centroid stores itself (uploads and derives).",
+    )
     created_at: datetime = Field(description="Creation time (UTC).")
 
 
@@ -92,7 +209,8 @@ class Dataset(DatasetListItem):
 
     recipe: dict[str, Any] = Field(
         description=(
-            "How the dataset came to be: `source` is `upload`, `json` or `derived`. A derived dataset's "
+            "How the dataset came to be: `source` is `upload`, `json`, `s3` (registered from S3: with its `uri`, "
+            "`format` and `columns`) or `derived`. A derived dataset's "
             "recipe carries `parent_id`, the applied `steps` with their fitted parameters (scaling min/max "
             "or mean/std, fill values; a `join` names the other side's `dataset_id`), and `inputs`: the "
             "recipe of every dataset it reads from, directly or through others, keyed by dataset id and "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.statuses import JobStatus
 
@@ -107,12 +108,217 @@ class Hyperparameters(BaseModel):
     )
 
 
-class ResourceConfig(BaseModel):
-    """Where a SageMaker job runs (ignored by the local backend)."""
+# --- job options: where and how a SageMaker job runs ---------------------------------------------
 
-    instance_type: str | None = Field(default=None, description="Default from settings.", examples=["ml.c4.8xlarge"])
-    instance_count: int | None = Field(default=None, ge=1, le=100, examples=[1])
-    max_runtime_seconds: int | None = Field(default=None, ge=60, le=28 * 24 * 3600, examples=[3600])
+#: SageMaker's longest runtime (28 days), the ceiling of MaxRuntimeInSeconds and MaxWaitTimeInSeconds.
+MAX_RUNTIME_CEILING = 28 * 24 * 3600
+_KMS_KEY_ID = r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32})"
+_KMS_ARN_PREFIX = r"arn:aws[a-z-]*:kms:[a-z]{2}(?:-[a-z]+)+-[0-9]:[0-9]{12}:"
+_KMS_ALIAS = r"alias/[a-zA-Z0-9/_-]{1,250}"
+#: ``ResourceConfig.VolumeKmsKeyId``: a key id or a key ARN (SageMaker's documented formats).
+VOLUME_KMS_KEY_PATTERN = rf"(?:{_KMS_KEY_ID}|{_KMS_ARN_PREFIX}key/{_KMS_KEY_ID})"
+#: ``OutputDataConfig.KmsKeyId``: a key id, key ARN, alias name or alias ARN.
+OUTPUT_KMS_KEY_PATTERN = rf"(?:{_KMS_KEY_ID}|{_KMS_ALIAS}|{_KMS_ARN_PREFIX}(?:key/{_KMS_KEY_ID}|{_KMS_ALIAS}))"
+SECURITY_GROUP_PATTERN = r"sg-[0-9a-f]{8}(?:[0-9a-f]{9})?"
+SUBNET_PATTERN = r"subnet-[0-9a-f]{8}(?:[0-9a-f]{9})?"
+#: ``CheckpointConfig.S3Uri``: ``s3://`` (or ``https://``) with a valid bucket name and a printable key prefix.
+CHECKPOINT_URI_PATTERN = r"(?:s3|https)://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](?:/[!-~]*)?"
+
+
+def _formatted(pattern: str, meaning: str) -> AfterValidator:
+    """A validator that refuses a value not matching ``pattern`` (whole), saying what it must be."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if compiled.fullmatch(value) is None:
+            raise ValueError(f"must be {meaning}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _schema_pattern(pattern: str) -> dict[str, Any]:
+    return {"pattern": f"^{pattern}$"}
+
+
+VolumeKmsKeyId = Annotated[
+    str,
+    Field(min_length=1, max_length=2048, json_schema_extra=_schema_pattern(VOLUME_KMS_KEY_PATTERN)),
+    _formatted(
+        VOLUME_KMS_KEY_PATTERN,
+        "a KMS key id (1234abcd-12ab-34cd-56ef-1234567890ab, or mrk-... for a multi-Region key) or a key ARN "
+        "(arn:aws:kms:<region>:<account>:key/<key id>)",
+    ),
+]
+OutputKmsKeyId = Annotated[
+    str,
+    Field(min_length=1, max_length=2048, json_schema_extra=_schema_pattern(OUTPUT_KMS_KEY_PATTERN)),
+    _formatted(
+        OUTPUT_KMS_KEY_PATTERN,
+        "a KMS key id, a key ARN (arn:aws:kms:<region>:<account>:key/<key id>), an alias name (alias/<name>) or "
+        "an alias ARN (arn:aws:kms:<region>:<account>:alias/<name>)",
+    ),
+]
+SecurityGroupId = Annotated[
+    str,
+    Field(min_length=11, max_length=20, json_schema_extra=_schema_pattern(SECURITY_GROUP_PATTERN)),
+    _formatted(SECURITY_GROUP_PATTERN, "a VPC security group id: sg- and 8 or 17 lowercase hex digits"),
+]
+SubnetId = Annotated[
+    str,
+    Field(min_length=15, max_length=24, json_schema_extra=_schema_pattern(SUBNET_PATTERN)),
+    _formatted(SUBNET_PATTERN, "a VPC subnet id: subnet- and 8 or 17 lowercase hex digits"),
+]
+CheckpointUri = Annotated[
+    str,
+    Field(min_length=8, max_length=1024, json_schema_extra=_schema_pattern(CHECKPOINT_URI_PATTERN)),
+    _formatted(CHECKPOINT_URI_PATTERN, "an S3 URI, s3://<bucket>/<prefix> (SageMaker also takes https://)"),
+]
+InputMode = Literal["File", "Pipe", "FastFile"]
+
+
+class VpcConfig(BaseModel):
+    """SageMaker's ``VpcConfig``: the training instances run in these subnets, with these security
+    groups (private subnets need an S3 VPC endpoint or a NAT gateway to read the data)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"security_group_ids": ["sg-0123456789abcdef0"], "subnets": ["subnet-0123456789abcdef0"]}]
+        },
+    )
+
+    security_group_ids: list[SecurityGroupId] = Field(
+        min_length=1,
+        max_length=5,
+        description="`VpcConfig.SecurityGroupIds`: 1 to 5 security group ids.",
+        examples=[["sg-0123456789abcdef0"]],
+    )
+    subnets: list[SubnetId] = Field(
+        min_length=1,
+        max_length=16,
+        description="`VpcConfig.Subnets`: 1 to 16 subnet ids.",
+        examples=[["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"]],
+    )
+
+
+class ResourceConfig(BaseModel):
+    """Job options: where and how a SageMaker job runs, named like the SageMaker Python SDK's
+    estimator arguments and sent as SageMaker's `CreateTrainingJob` fields (each field says which).
+
+    Formats and ranges are SageMaker's (a malformed value is a 422 naming the field); the rules
+    between options are checked when the job is created, on both backends, so a job the `local`
+    backend accepts is one SageMaker accepts too (400 naming the option): `input_mode` `FastFile`
+    is refused (KMeans trains in File or Pipe mode); `max_wait_seconds` needs managed spot training,
+    is at most 3600 (KMeans writes no checkpoints) and at least `max_runtime_seconds`;
+    `volume_kms_key_id` is refused with instance types that have local NVMe storage.
+
+    The `local` backend trains in the worker: it ignores the options about SageMaker's machines
+    (instance type and count, volume size, runtime and wait limits, spot, checkpoints, input mode)
+    and lists those given in the job's `ignored_options`; it refuses (400) the ones that promise
+    something it cannot keep: `vpc_config` (network placement) and the KMS keys (encryption with
+    your key)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"instance_type": "ml.c4.8xlarge", "instance_count": 1, "max_runtime_seconds": 3600},
+                {
+                    "instance_type": "ml.m5.xlarge",
+                    "instance_count": 2,
+                    "volume_size_gb": 50,
+                    "enable_managed_spot_training": True,
+                    "max_runtime_seconds": 1800,
+                    "max_wait_seconds": 3600,
+                    "checkpoint_s3_uri": "s3://my-bucket/checkpoints/crime-k10",
+                    "input_mode": "Pipe",
+                    "volume_kms_key_id": "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+                    "output_kms_key_id": "alias/centroid-models",
+                    "vpc_config": {
+                        "security_group_ids": ["sg-0123456789abcdef0"],
+                        "subnets": ["subnet-0123456789abcdef0"],
+                    },
+                },
+            ]
+        },
+    )
+
+    instance_type: str | None = Field(
+        default=None,
+        max_length=64,
+        description="`ResourceConfig.InstanceType`; default `CENTROID_TRAINING_INSTANCE_TYPE`.",
+        examples=["ml.c4.8xlarge"],
+    )
+    instance_count: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="`ResourceConfig.InstanceCount`; default `CENTROID_TRAINING_INSTANCE_COUNT`. The training data is "
+        "written as one S3 object per instance (the `train` channel is `ShardedByS3Key`); with fewer training rows "
+        "than instances, only as many instances as rows are asked for (the job's `remote.instance_count` and its "
+        "status message say so).",
+        examples=[1],
+    )
+    volume_size_gb: int | None = Field(
+        default=None,
+        ge=1,
+        le=16384,
+        description="`ResourceConfig.VolumeSizeInGB`: the EBS volume of each instance, in GB (File mode copies the "
+        "data there); default `CENTROID_TRAINING_VOLUME_GB` (30).",
+        examples=[50],
+    )
+    volume_kms_key_id: VolumeKmsKeyId | None = Field(
+        default=None,
+        description="`ResourceConfig.VolumeKmsKeyId`: the KMS key that encrypts the instances' volumes; a key id or "
+        "key ARN. Not with instance types that have local NVMe storage (SageMaker refuses it there).",
+        examples=["arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"],
+    )
+    output_kms_key_id: OutputKmsKeyId | None = Field(
+        default=None,
+        description="`OutputDataConfig.KmsKeyId`: the KMS key SageMaker encrypts the model artifact with; a key id, "
+        "key ARN, alias name or alias ARN. Centroid's credentials need `kms:Decrypt` on it to read the model.",
+        examples=["alias/centroid-models"],
+    )
+    max_runtime_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=MAX_RUNTIME_CEILING,
+        description="`StoppingCondition.MaxRuntimeInSeconds`; default `CENTROID_MAX_RUNTIME_SECONDS` (with managed "
+        "spot training: at most `max_wait_seconds`).",
+        examples=[3600],
+    )
+    enable_managed_spot_training: bool = Field(
+        default=False,
+        description="`EnableManagedSpotTraining`: train on Spot capacity (SageMaker bills less; the job's "
+        "`spot_savings_percent` says how much). SageMaker restarts an interrupted KMeans job from the start.",
+        examples=[True],
+    )
+    max_wait_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=MAX_RUNTIME_CEILING,
+        description="`StoppingCondition.MaxWaitTimeInSeconds`: the longest wait for Spot capacity plus training; only "
+        "with `enable_managed_spot_training`, at least `max_runtime_seconds`, and at most 3600 for KMeans (a built-in "
+        "algorithm without checkpoints); default 3600 with managed spot training.",
+        examples=[3600],
+    )
+    checkpoint_s3_uri: CheckpointUri | None = Field(
+        default=None,
+        description="`CheckpointConfig.S3Uri`: where SageMaker syncs `/opt/ml/checkpoints`. Sent as given; "
+        "SageMaker's KMeans writes no checkpoints, so it resumes nothing.",
+        examples=["s3://my-bucket/checkpoints/crime-k10"],
+    )
+    vpc_config: VpcConfig | None = Field(
+        default=None, description="`VpcConfig`: run the training instances in your VPC."
+    )
+    input_mode: InputMode | None = Field(
+        default=None,
+        description="`AlgorithmSpecification.TrainingInputMode`: `File` (default: the data is copied to the volume "
+        "first) or `Pipe` (streamed from S3; SageMaker's KMeans reads CSV, which Centroid writes, and "
+        "recordIO-protobuf in both modes). `FastFile` is refused: KMeans supports File and Pipe only.",
+        examples=["Pipe"],
+    )
 
 
 class TrainingJobCreate(BaseModel):
@@ -142,7 +348,11 @@ class TrainingJobCreate(BaseModel):
     )
     hyperparameters: Hyperparameters
     backend: BackendName = Field(default="local", description="`local` (in-process) or `sagemaker`.")
-    resource_config: ResourceConfig = Field(default_factory=ResourceConfig)
+    resource_config: ResourceConfig = Field(
+        default_factory=ResourceConfig,
+        description="Job options: instance type and count, volume size and KMS keys, runtime and spot limits, VPC, "
+        "input mode (SageMaker's; see the schema for what the `local` backend does with each).",
+    )
 
 
 class StatusTransition(BaseModel):
@@ -180,13 +390,32 @@ class TrainingJob(BaseModel):
         "has none). Sorted; empty when every one is used.",
         examples=[["_kvstore", "_num_gpus", "force_dense"]],
     )
-    resource_config: dict[str, Any]
+    resource_config: dict[str, Any] = Field(
+        description="The job options as given, with the defaults of managed spot training filled in "
+        "(`max_wait_seconds`, `max_runtime_seconds`)."
+    )
+    ignored_options: list[str] = Field(
+        description="Job options (keys of `resource_config`) given to the job that its backend does not use: on "
+        "`local`, every option about SageMaker's machines (`instance_type`, `instance_count`, `volume_size_gb`, "
+        "`max_runtime_seconds`, `enable_managed_spot_training`, `max_wait_seconds`, `checkpoint_s3_uri`, "
+        "`input_mode`); on `sagemaker`, none. Sorted; empty when every one is used.",
+        examples=[["instance_count", "instance_type"]],
+    )
     progress: Progress
     created_at: datetime
     started_at: datetime | None
     ended_at: datetime | None
     training_seconds: float | None = Field(description="Time spent training.")
-    billable_seconds: float | None = Field(description="Billable time (local: the time the worker spent).")
+    billable_seconds: float | None = Field(
+        description="Billable time (SageMaker's `BillableTimeInSeconds`, per instance; local: the time the worker "
+        "spent)."
+    )
+    spot_savings_percent: float | None = Field(
+        description="What managed spot training saved, as SageMaker's console shows it: "
+        "(1 - BillableTimeInSeconds / TrainingTimeInSeconds) x 100, rounded to 0.01. Null unless the job ran on "
+        "SageMaker with `enable_managed_spot_training` and SageMaker reported both times.",
+        examples=[70.0],
+    )
     attempts: int = Field(description="How many times a worker started this job (>1 after a crash).")
     model_id: str | None = Field(description="The model registered when the job completed.")
     remote: dict[str, Any] = Field(description="Backend-specific identifiers (e.g. the SageMaker job ARN).")

@@ -6,7 +6,11 @@
   runs the job again from the start. Every write is guarded by ``lease_owner = me``, and the model
   row is unique per job, so a job never ends up in two models.
 * A remote backend (SageMaker) is polled: claim, ask the backend, write, release with
-  ``next_poll_at`` set. A restarted worker simply picks the job up again.
+  ``next_poll_at`` set. A restarted worker simply picks the job up again. Each call runs under
+  the same heartbeat thread, so a long one (the first, which uploads the training data) keeps
+  its lease instead of being claimed and uploaded again by another worker; the upload is
+  abandoned when the lease is lost, the job stopped or the worker shutting down (then the job
+  is released, as a local training is).
 * A stop request is noticed within :data:`STOP_POLL_SECONDS` (at once when the request was made
   in this process or announced by PostgreSQL NOTIFY), and the engine honours it within a fraction
   of a second wherever it is (streaming, reduction, evaluation).
@@ -19,16 +23,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import pyarrow.fs as pa_fs
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from service.backends.base import Backend, DatasetInput, TrainingSpec, TrainingUpdate
+from service.backends.base import Backend, TrainingSpec, TrainingUpdate
 from service.datasets.repository import DatasetRepository
+from service.datasets.s3 import dataset_input, s3_filesystem
 from service.db.tables import TrainingJobTable
 from service.db.types import utcnow
 from service.engine import KMeansHyperparameters
@@ -51,6 +58,7 @@ class _RunningJob:
     name: str
     points_processed: int = 0
     points_total: int = 0
+    reports_progress: bool = True  # the heartbeat writes points_processed (a remote job's come from its backend)
     stop_requested: bool = False
     lease_lost: bool = False
     shutdown: threading.Event = field(default_factory=threading.Event)
@@ -124,19 +132,8 @@ class TrainingDriver:
             return
         if not self._mark_training(job):
             return
-        running = _RunningJob(job.name, points_total=job.points_total, shutdown=self.stopping)
-        heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True, name=f"lease-{job.name}")
-        self.current_job = job.name
-        self.wakeup.attach(running.poke)
-        heartbeat.start()
-        try:
+        with self._leased(job, reports_progress=True) as running:
             update = backend.advance_training(self._spec(job), running)
-        finally:
-            running.finished.set()
-            running.poke.set()
-            heartbeat.join()
-            self.wakeup.detach(running.poke)
-            self.current_job = None
         if running.lease_lost:
             log.warning("lost the lease on %s; another worker owns it now", job.name)
             return
@@ -144,6 +141,31 @@ class TrainingDriver:
             self._release(job)
             return
         self._finish(job, update)
+
+    @contextmanager
+    def _leased(self, job: TrainingJobTable, *, reports_progress: bool) -> Iterator[_RunningJob]:
+        """Hold ``job``'s lease while the body runs: a heartbeat thread extends it (see
+        :meth:`_heartbeat`) and watches for a stop; the :class:`_RunningJob` yielded is the
+        backend's hooks, and says afterwards whether the lease was lost."""
+        running = _RunningJob(
+            job.name,
+            points_total=job.points_total,
+            reports_progress=reports_progress,
+            stop_requested=job.stop_requested,
+            shutdown=self.stopping,
+        )
+        heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True, name=f"lease-{job.name}")
+        self.current_job = job.name
+        self.wakeup.attach(running.poke)
+        heartbeat.start()
+        try:
+            yield running
+        finally:
+            running.finished.set()
+            running.poke.set()
+            heartbeat.join()
+            self.wakeup.detach(running.poke)
+            self.current_job = None
 
     def _mark_training(self, job: TrainingJobTable) -> bool:
         now = utcnow()
@@ -186,7 +208,7 @@ class TrainingDriver:
                         running.name,
                         self.worker_id,
                         self.settings.lease_seconds,
-                        {"points_processed": running.points_processed},
+                        {"points_processed": running.points_processed} if running.reports_progress else {},
                     )
                 next_lease = time.monotonic() + interval
                 self._presence()
@@ -229,7 +251,21 @@ class TrainingDriver:
                 self._finish(job, TrainingUpdate.stopped())
                 return
             self._mark_started_remote(job)
-        self._finish(job, backend.advance_training(spec, _RunningJob(job.name)))
+        submitted = bool(job.remote.get("training_job_name"))
+        with self._leased(job, reports_progress=False) as running:
+            update = backend.advance_training(spec, running)
+        if running.lease_lost:
+            log.warning("lost the lease on %s during a remote step; another worker owns it now", job.name)
+            return
+        if (
+            update.status == JobStatus.STOPPED
+            and not submitted
+            and not running.stop_requested
+            and self.stopping.is_set()
+        ):
+            self._release(job)  # the upload was abandoned on shutdown: another worker submits it
+            return
+        self._finish(job, update)
 
     def _mark_started_remote(self, job: TrainingJobTable) -> None:
         values = {"status": JobStatus.IN_PROGRESS, "started_at": utcnow(), "attempts": job.attempts + 1}
@@ -283,18 +319,21 @@ class TrainingDriver:
             ),
         )
 
+    def _s3_filesystem(self) -> pa_fs.FileSystem:
+        """pyarrow's S3 filesystem for datasets registered from S3 (opened only for such a dataset)."""
+        return s3_filesystem(self.state.settings)
+
     def _spec(self, job: TrainingJobTable) -> TrainingSpec:
         with self.db.session() as session:
             datasets = DatasetRepository(session)
             train = datasets.get(job.train_dataset_id)
             test = datasets.get(job.test_dataset_id) if job.test_dataset_id else None
-            store = self.state.store
+            store, columns = self.state.store, list(job.feature_columns)
+            s3 = self._s3_filesystem
             return TrainingSpec(
                 job_name=job.name,
-                train=DatasetInput(train.id, store.path(train.storage_key), list(job.feature_columns), train.row_count),
-                test=DatasetInput(test.id, store.path(test.storage_key), list(job.feature_columns), test.row_count)
-                if test
-                else None,
+                train=dataset_input(train, columns, store, s3),
+                test=dataset_input(test, columns, store, s3) if test else None,
                 hyperparameters=KMeansHyperparameters.from_mapping(job.hyperparameters),
                 resource_config=dict(job.resource_config),
                 remote=dict(job.remote),

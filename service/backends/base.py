@@ -9,26 +9,82 @@ in the database, so a restarted worker resumes where the last one left off.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from service.engine import CenterIndex, KMeansHyperparameters, Prediction
+from service.engine import BatchSource, CenterIndex, KMeansHyperparameters, ParquetBatchSource, Prediction
+from service.engine.sources import FilesBatchSource
 from service.statuses import EndpointStatus, JobStatus, SecondaryStatus
 
 
 @dataclass(frozen=True)
+class S3Object:
+    """One object of a dataset in S3, as it was when the dataset was registered."""
+
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class S3Input:
+    """A dataset whose rows stay in S3 (``POST /datasets/s3``), as a training reads it.
+
+    ``source`` reads the job's columns of ``objects`` through pyarrow's S3 filesystem (opened with
+    Centroid's AWS settings). ``direct_columns`` is set when the objects are headerless numeric CSV
+    without nulls (``,``-separated): a consumer that takes such files as they are (SageMaker's
+    KMeans) can read ``objects`` itself when its columns are exactly these, in this order.
+    """
+
+    uri: str
+    bucket: str
+    objects: tuple[S3Object, ...]
+    skipped: tuple[S3Object, ...]
+    source: FilesBatchSource
+    direct_columns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class DatasetInput:
-    """A dataset as training input: its Parquet file and the feature columns to use."""
+    """A dataset as training input: its Parquet file (or its S3 objects) and the feature columns to use."""
 
     dataset_id: str
-    path: Path
+    path: Path | None
     columns: list[str]
     rows: int
+    s3: S3Input | None = None
+
+    def batch_source(self) -> BatchSource:
+        """The feature columns as the engine reads them, streamed (local Parquet or S3)."""
+        if self.s3 is not None:
+            return self.s3.source
+        assert self.path is not None
+        return ParquetBatchSource(self.path, self.columns)
+
+    def record_batches(self, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """The feature columns, in order, as Arrow record batches of at most ``batch_rows`` rows."""
+        if self.s3 is not None:
+            yield from self.s3.source.record_batches(batch_rows)
+            return
+        assert self.path is not None
+        with pq.ParquetFile(self.path, pre_buffer=False) as parquet:
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=self.columns):
+                yield batch.select(self.columns)
+
+    @property
+    def direct_s3_uri(self) -> str | None:
+        """The S3 prefix whose registered objects hold exactly these features as headerless numeric
+        CSV, if any (see :class:`S3Input`): what a SageMaker channel can read as it is, without a
+        conversion."""
+        if self.s3 is None or self.s3.direct_columns is None:
+            return None
+        return self.s3.uri if list(self.s3.direct_columns) == list(self.columns) else None
 
 
 @dataclass(frozen=True)

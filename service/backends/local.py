@@ -3,13 +3,18 @@
 A model stores the metrics SageMaker would report for the same job, under SageMaker's names
 (``train:msd``, and ``test:msd`` / ``test:ssd`` as ``eval_metrics`` asks), plus the full-pass
 training figures (``train:msd_full_pass``, ...; see ``service.engine.metrics``). SageMaker-only
-keys of the hyperparameters (``force_dense``, ``_num_gpus``, ...) have no effect here."""
+keys of the hyperparameters (``force_dense``, ``_num_gpus``, ...) have no effect here.
+
+A dataset registered from S3 is streamed from its objects (pyarrow's S3 filesystem, one row group
+or CSV block at a time), exactly as a stored dataset is streamed from its Parquet file: the same
+rows give the same batches, and so the same model for the same seed."""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from service.backends.base import (
     BackendStatus,
@@ -25,7 +30,6 @@ from service.engine import (
     EngineInputError,
     HyperparameterError,
     ModelFormatError,
-    ParquetBatchSource,
     Prediction,
     TrainingStopped,
     WebScaleKMeans,
@@ -51,15 +55,19 @@ class LocalBackend:
         """Run the whole training now; the worker heartbeats and watches for a stop meanwhile."""
         started = time.monotonic()
         estimator = WebScaleKMeans(spec.hyperparameters)
-        train = ParquetBatchSource(spec.train.path, spec.train.columns)
-        test = ParquetBatchSource(spec.test.path, spec.test.columns) if spec.test else None
         try:
+            train = spec.train.batch_source()
+            test = spec.test.batch_source() if spec.test else None
             estimator.fit(train, test=test, progress=hooks.progress, should_stop=hooks.should_stop)
         except TrainingStopped as stopped:
             message = f"stopped after {stopped.points_processed} points"
             return _timed(TrainingUpdate.stopped(message, points_processed=stopped.points_processed), started)
         except (EngineInputError, HyperparameterError) as exc:
             return _timed(TrainingUpdate.failed(str(exc)), started)
+        except (OSError, pa.ArrowInvalid) as exc:  # S3 objects gone or refused; a CSV value not of its type
+            if spec.train.s3 is None and (spec.test is None or spec.test.s3 is None):
+                raise
+            return _timed(TrainingUpdate.failed(f"the data in S3 could not be read: {exc}"), started)
         centers = estimator.cluster_centers_
         metrics = estimator.metrics_
         completed = TrainingUpdate.completed(

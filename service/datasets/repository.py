@@ -1,4 +1,5 @@
-"""Dataset rows in the database (metadata only; the data is a Parquet file in the store)."""
+"""Dataset rows in the database (metadata only; the data is a Parquet file in the store, or S3
+objects for a dataset registered from S3)."""
 
 from __future__ import annotations
 
@@ -45,4 +46,6 @@ class DatasetRepository:
         self.session.flush()
 
     def storage_keys(self) -> set[str]:
-        return set(self.session.scalars(select(DatasetTable.storage_key)).all())
+        """The artifact-store keys of every stored dataset's file (a dataset in S3 has none)."""
+        query = select(DatasetTable.stored_key).where(DatasetTable.stored_key != "")
+        return set(self.session.scalars(query).all())

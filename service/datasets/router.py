@@ -20,6 +20,7 @@ from schemas.datasets import (
     DatasetTask,
     DatasetTaskStatus,
     DeriveRequest,
+    S3DatasetCreate,
     no_control_chars,
 )
 from service.datasets.parsing import DELIMITERS
@@ -209,6 +210,35 @@ async def create_dataset(request: Request, service: Service) -> Any:
     raise UnsupportedMediaType(
         f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data, text/csv or application/json"
     )
+
+
+@router.post(
+    "/s3",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Dataset,
+    summary="Register data that already lives in S3 as a dataset (nothing is copied)",
+    responses=error_responses(400, 422, 503),
+)
+def register_s3_dataset(request: S3DatasetCreate, service: Service) -> Any:
+    """List the CSV or Parquet objects under `uri` (`s3://bucket/prefix/`, at most 1000) and read the
+    schema, row count and per-column summary from the data: Parquet footers; for CSV the header and
+    the types pyarrow infers from the first MiB, then one streaming pass over every object (rows,
+    values, summary). Nothing is copied into Centroid: the dataset keeps the objects' keys, sizes and
+    row counts (`location`), and reads them where they are.
+
+    A dataset in S3 can be read (`GET /datasets/{id}`, `/rows`, `/csv`), trained on by both backends
+    (the local one streams the objects; SageMaker reads them in place when they are headerless
+    numeric CSV of exactly the job's features, else the features are converted once per job) and
+    deleted (its objects are left alone). Derives, predictions for a `dataset_id` and model
+    assignments need Centroid's own Parquet file and are refused with 409.
+
+    AWS access uses the SageMaker backend's settings (`CENTROID_AWS_REGION`, required;
+    `CENTROID_AWS_ENDPOINT_URL`; `CENTROID_AWS_MAX_ATTEMPTS`) and the AWS standard credential chain.
+    Errors (400, `details.reason`): `no_such_bucket`, `not_found` (nothing under the prefix),
+    `no_objects` (only skipped objects), `access_denied`, `too_many`, `mixed_formats`,
+    `unknown_format`, `compressed`, `schemas_differ`; a value CSV cannot hold (nan, inf) is a 400
+    naming the object, row and column. S3 unreachable: 503."""
+    return service.create_from_s3(request)
 
 
 def _json_document(body: bytes) -> Any:

@@ -1,9 +1,16 @@
-"""Dataset use cases: create (CSV or JSON), derive, read, export, delete."""
+"""Dataset use cases: create (CSV, JSON, or registered from S3), derive, read, export, delete.
+
+A dataset registered from S3 (:mod:`service.datasets.s3`) has no Parquet file of Centroid's: its
+rows are read from its objects by the same streaming reader training uses. Reading (metadata,
+summary, rows, CSV download), training and deleting work on it; a derive (which needs Centroid's
+own Parquet files for DuckDB) is refused with 409, and so are predictions for a ``dataset_id`` and
+model assignments (``DatasetTable.storage_key`` refuses them: they read only stored files)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
 import re
 import shutil
@@ -11,16 +18,18 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path, PurePath
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 from sqlalchemy.orm import Session
 
-from schemas.datasets import DatasetCreate, DeriveRequest, JoinStep
+from schemas.datasets import DatasetCreate, DeriveRequest, JoinStep, S3DatasetCreate
 from service.datasets.columnar import ParquetInput, check_key_parquet, derive_parquet
 from service.datasets.ingest import (
     CsvSpool,
@@ -34,6 +43,7 @@ from service.datasets.ingest import (
 from service.datasets.parsing import NUMBER_PATTERN, frame_from_rows, type_columns
 from service.datasets.progress import Progress
 from service.datasets.repository import DatasetRepository
+from service.datasets.s3 import record_batches, register, s3_filesystem
 from service.datasets.task_repository import PENDING, UPLOADS_PREFIX, DatasetTaskRepository, upload_key
 from service.datasets.transforms import (
     Recipe,
@@ -80,6 +90,7 @@ def build_dataset_service(
         row_group_rows=settings.parquet_row_group_rows,
         columnar_memory_mb=settings.derive_memory_mb,
         usage_checks=usage_checks,
+        s3=lambda: s3_filesystem(settings),
         recipe_limits=RecipeLimits(
             max_depth=settings.max_recipe_depth,
             max_datasets=settings.max_recipe_datasets,
@@ -118,8 +129,11 @@ class DatasetService:
         usage_checks: Sequence[UsageCheck] = (),
         recipe_limits: RecipeLimits | None = None,
         columnar_memory_mb: int = 256,
+        s3: Callable[[], pa_fs.FileSystem] | None = None,
     ) -> None:
+        """``s3`` opens the filesystem datasets in S3 are read through (None: they are refused)."""
         self.columnar_memory_mb = columnar_memory_mb
+        self._s3 = s3
         self.session = session
         self.recipe_limits = recipe_limits or RecipeLimits()
         self.usage_checks = list(usage_checks)
@@ -211,6 +225,34 @@ class DatasetService:
         recipe: Recipe = {"source": "json", "columns": list(request.columns)}
         return self._store_new(request.name, Table(parsed.frame, parsed.key_column), recipe)
 
+    def create_from_s3(self, request: S3DatasetCreate) -> DatasetTable:
+        """Register the objects under an S3 prefix as a dataset: their schema, row count and summary
+        are read from them (see :mod:`service.datasets.s3`); nothing is copied."""
+        registered = register(self.s3_filesystem(), request, max_columns=self.max_columns)
+        recipe: Recipe = registered.recipe
+        row = DatasetTable(
+            id=new_id("ds"),
+            name=request.name,
+            key_column=request.key_column,
+            columns=registered.columns,
+            row_count=registered.row_count,
+            size_bytes=registered.size_bytes,
+            storage_key="",
+            location=registered.location,
+            recipe=recipe,
+            recipe_summary=recipe_summary(recipe, recipe_size(recipe)),
+            summary=registered.summary,
+        )
+        self.repository.add(row)
+        self.session.commit()
+        return row
+
+    def s3_filesystem(self) -> pa_fs.FileSystem:
+        """The filesystem datasets in S3 are read through (400 when S3 is not configured)."""
+        if self._s3 is None:
+            raise InvalidInput("datasets in S3 are not available here", details={"reason": "s3_not_configured"})
+        return self._s3()
+
     def derive(
         self,
         parent_id: str,
@@ -265,6 +307,15 @@ class DatasetService:
         for step in request.steps:
             if isinstance(step, JoinStep) and step.dataset_id not in inputs:
                 inputs[step.dataset_id] = self.repository.get(step.dataset_id)
+        in_s3 = [row for row in inputs.values() if row.in_s3]
+        if in_s3:
+            row = in_s3[0]
+            uri = (row.location or {}).get("uri")
+            raise Conflict(
+                f"dataset {row.id!r} stays in S3 ({uri}): derives run on the Parquet files Centroid stores, and it "
+                "has none. Train on it as it is, or upload the data (POST /datasets) to derive from it",
+                details={"dataset_id": row.id, "uri": uri, "reason": "dataset_in_s3"},
+            )
         recipes = {input_id: row.recipe for input_id, row in inputs.items()}
         planned = [
             {"op": step.op, "dataset_id": step.dataset_id} if isinstance(step, JoinStep) else {"op": step.op}
@@ -461,7 +512,10 @@ class DatasetService:
         return summarise_parquet(self.store.path(row.storage_key), list(row.columns))
 
     def rows(self, row: DatasetTable, offset: int, limit: int) -> list[list[Any]]:
-        """Rows [offset, offset+limit), reading only the Parquet row groups that hold them."""
+        """Rows [offset, offset+limit), reading only the Parquet row groups that hold them (a dataset
+        in S3: only the objects that hold them, streamed up to the last row asked for)."""
+        if row.in_s3:
+            return self._s3_rows(row, offset, limit)
         parquet = pq.ParquetFile(self.store.path(row.storage_key))
         pieces: list[pd.DataFrame] = []
         start = 0
@@ -475,25 +529,57 @@ class DatasetService:
             return []
         return json_cells(pd.concat(pieces, ignore_index=True))
 
+    def _s3_rows(self, row: DatasetTable, offset: int, limit: int) -> list[list[Any]]:
+        if offset >= row.row_count:
+            return []
+        pieces: list[pa.RecordBatch] = []
+        wanted = limit
+        batches = record_batches(row, self.s3_filesystem(), min(limit, CSV_CHUNK_ROWS), first_row=offset)
+        with closing(batches):
+            for batch in batches:
+                pieces.append(batch.slice(0, wanted))
+                wanted -= min(wanted, batch.num_rows)
+                if not wanted:
+                    break
+        if not pieces:
+            return []
+        return json_cells(pa.Table.from_batches(pieces).to_pandas())
+
     def csv_chunks(self, row: DatasetTable, *, spreadsheet_safe: bool = False) -> Iterator[bytes]:
         """The dataset as CSV, streamed row group by row group.
 
         Cells are written exactly as stored. With ``spreadsheet_safe``, text cells (and header names)
         that a spreadsheet would evaluate as a formula get a leading ``'`` (see :func:`neutralise_formulas`).
+        A dataset in S3 is read from its objects; its first piece is read before this returns, so
+        S3's refusal (or a missing object) is an ordinary error response rather than a cut stream.
         """
+        if row.in_s3:
+            batches = record_batches(row, self.s3_filesystem(), CSV_CHUNK_ROWS)
+            chunks = self._csv_pieces(batches, spreadsheet_safe)
+            first = next(chunks, None)
+            if first is None:
+                header = pd.DataFrame(columns=[column["name"] for column in row.columns])
+                return iter([self._csv_piece(header, spreadsheet_safe, header=True)])
+            return itertools.chain([first], chunks)
         parquet = pq.ParquetFile(self.store.path(row.storage_key))
+        return self._csv_pieces(parquet.iter_batches(batch_size=CSV_CHUNK_ROWS), spreadsheet_safe)
+
+    def _csv_pieces(self, batches: Iterator[pa.RecordBatch], spreadsheet_safe: bool) -> Iterator[bytes]:
         header = True
-        for batch in parquet.iter_batches(batch_size=CSV_CHUNK_ROWS):
-            frame = batch.to_pandas()
-            if spreadsheet_safe:
-                frame = neutralise_formulas(frame)
-            # The csv module quotes a cell holding "\n" but not one holding a lone "\r", which every
-            # reader then takes for a line break: such a batch quotes all its text cells instead.
-            quoting = csv.QUOTE_NONNUMERIC if _holds_carriage_return(frame) else csv.QUOTE_MINIMAL
-            buffer = io.StringIO()
-            frame.to_csv(buffer, index=False, header=header, lineterminator="\n", quoting=quoting)
+        for batch in batches:
+            yield self._csv_piece(batch.to_pandas(), spreadsheet_safe, header=header)
             header = False
-            yield buffer.getvalue().encode("utf-8")
+
+    @staticmethod
+    def _csv_piece(frame: pd.DataFrame, spreadsheet_safe: bool, *, header: bool) -> bytes:
+        if spreadsheet_safe:
+            frame = neutralise_formulas(frame)
+        # The csv module quotes a cell holding "\n" but not one holding a lone "\r", which every
+        # reader then takes for a line break: such a batch quotes all its text cells instead.
+        quoting = csv.QUOTE_NONNUMERIC if _holds_carriage_return(frame) else csv.QUOTE_MINIMAL
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False, header=header, lineterminator="\n", quoting=quoting)
+        return buffer.getvalue().encode("utf-8")
 
     # --- deletion -----------------------------------------------------------------------------
 
@@ -509,7 +595,7 @@ class DatasetService:
         from service.errors import NotFound
 
         row = self.repository.get(dataset_id)
-        key = row.storage_key
+        key = None if row.in_s3 else row.storage_key  # a dataset in S3: its objects are the user's, left alone
 
         def refuse_if_used() -> None:
             users = [ref for check in self.usage_checks for ref in check(self.session, dataset_id)]
@@ -532,7 +618,8 @@ class DatasetService:
                 f"dataset {dataset_id!r} was taken into use by a concurrent request; retry",
                 details={"dataset_id": dataset_id},
             ) from exc
-        self.store.delete(key)
+        if key is not None:
+            self.store.delete(key)
 
 
 # OWASP's CSV-injection guidance: a cell starting with one of these is a formula to a spreadsheet.

@@ -9,14 +9,20 @@ from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, St
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from service.db.types import UTCDateTime, utcnow
+from service.errors import Conflict
 
 
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
+class DataNotStored(Conflict):
+    """An operation that reads Centroid's own Parquet file asked for one of a dataset in S3."""
+
+
 class DatasetTable(Base):
-    """A stored table: metadata here, rows in a Parquet file in the artifact store."""
+    """A stored table: metadata here, rows in a Parquet file in the artifact store, or (a dataset
+    registered from S3) in S3 objects that ``location`` lists."""
 
     __tablename__ = "datasets"
 
@@ -26,7 +32,11 @@ class DatasetTable(Base):
     columns: Mapped[list[Any]] = mapped_column()
     row_count: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    storage_key: Mapped[str] = mapped_column(String(300))
+    # The Parquet file's key in the artifact store; "" for a dataset in S3 (see ``storage_key``).
+    stored_key: Mapped[str] = mapped_column("storage_key", String(300))
+    # A dataset registered from S3 (migration 0007): the URI, the format and how to read it, and
+    # every object (key, size, rows) as registered. NULL for the datasets Centroid stores.
+    location: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     recipe: Mapped[dict[str, Any]] = mapped_column()
     # Source, parent, direct inputs, depth, datasets, steps and bytes of ``recipe``: what listings
     # show, so they never read recipes (migration 0004 filled it in for older rows).
@@ -35,6 +45,35 @@ class DatasetTable(Base):
     # 0005); NULL for older rows, whose summary is computed row group by row group when read.
     summary: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    @property
+    def in_s3(self) -> bool:
+        """The rows stay in S3 (``location``); Centroid holds no file of them."""
+        return self.location is not None
+
+    @property
+    def storage_key(self) -> str:
+        """The artifact-store key of the dataset's Parquet file.
+
+        A dataset in S3 has none: asking for it is refused with a 409 (:class:`DataNotStored`) that
+        says so, so every operation written for stored Parquet files (predictions for a
+        ``dataset_id``, model assignments) refuses such a dataset clearly instead of failing on a
+        missing file. Code that handles datasets in S3 checks :attr:`in_s3` first.
+        """
+        if self.location is not None:
+            uri = self.location.get("uri")
+            raise DataNotStored(
+                f"dataset {self.id!r} stays in S3 ({uri}) and Centroid holds no copy of its rows; this operation "
+                "reads only the datasets Centroid stores (uploads and derives). A dataset in S3 can be trained on, "
+                "read (GET /datasets/{id}/rows) and downloaded as CSV; for anything else, upload the data "
+                "(POST /datasets)",
+                details={"dataset_id": self.id, "uri": uri, "reason": "dataset_in_s3"},
+            )
+        return self.stored_key
+
+    @storage_key.setter
+    def storage_key(self, value: str) -> None:
+        self.stored_key = value
 
 
 class DatasetTaskTable(Base):

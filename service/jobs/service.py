@@ -24,6 +24,26 @@ from service.storage import LocalArtifactStore
 
 NUMERIC_DTYPES = ("int64", "float64")
 
+#: Training input modes of SageMaker's KMeans (its documentation: File or Pipe, for CSV and
+#: recordIO-protobuf alike); ``FastFile`` is refused.
+KMEANS_INPUT_MODES = ("File", "Pipe")
+#: The longest ``MaxWaitTimeInSeconds`` SageMaker allows a managed spot job of a built-in algorithm
+#: that writes no checkpoints, such as KMeans.
+SPOT_MAX_WAIT_SECONDS = 3600
+#: Instance families with local NVMe instance storage (encrypted by the hardware), where SageMaker
+#: refuses a ``VolumeKmsKeyId``.
+LOCAL_STORAGE_FAMILIES = frozenset(
+    {"c5d", "m5d", "r5d", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en"}
+    | {"g4dn", "g5", "g6", "g6e", "trn1", "trn1n", "trn2"}
+)
+#: Job options the local backend refuses: promises (network placement, encryption with the
+#: caller's key) it cannot keep. Every other option it ignores, and lists in ``ignored_options``.
+LOCAL_REFUSED_OPTIONS = {
+    "vpc_config": "the local backend trains in the worker's process, not in your VPC",
+    "volume_kms_key_id": "the local backend does not encrypt its working files with your KMS key",
+    "output_kms_key_id": "the local backend stores the model artifact on its own disk, not encrypted with your KMS key",
+}
+
 
 def transition(status: str, message: str | None = None) -> dict[str, Any]:
     return {"status": status, "start_time": utcnow().isoformat(), "end_time": None, "message": message}
@@ -60,6 +80,7 @@ class JobService:
         if self.jobs.find(request.name) is not None:
             raise Conflict(f"training job {request.name!r} already exists", details={"name": request.name})
         self.backends.usable(request.backend)
+        options = job_options(request, self.settings)
         # A concurrent DELETE /datasets/{id} must not give a 500 or a wrong "already exists": each
         # dataset is held until the commit (PostgreSQL: FOR KEY SHARE), so the delete waits for this
         # job (and then sees it) or removes the dataset first (found gone here); on SQLite a missing
@@ -104,7 +125,7 @@ class JobService:
             test_dataset_id=test.id if test else None,
             feature_columns=features,
             hyperparameters=hyperparameters.to_dict(),
-            resource_config=request.resource_config.model_dump(exclude_none=True),
+            resource_config=options,
             points_total=train.row_count * hyperparameters.epochs,
             remote={},
         )
@@ -170,7 +191,11 @@ class JobService:
                     f"feature column {name!r} of the {role} dataset is not numeric ({dtypes[name]})",
                     details={"column": name, "dtype": dtypes[name]},
                 )
-        nulls = null_counts(self.store.path(dataset.storage_key), features)
+        if dataset.in_s3:  # counted from the objects when the dataset was registered
+            counted = {entry["name"]: int(entry.get("null_count") or 0) for entry in dataset.summary or []}
+            nulls = {name: counted.get(name, 0) for name in features}
+        else:
+            nulls = null_counts(self.store.path(dataset.storage_key), features)
         holes = {name: count for name, count in nulls.items() if count}
         if holes:
             raise InvalidInput(
@@ -220,6 +245,81 @@ class JobService:
         self.session.commit()
 
 
+def job_options(request: TrainingJobCreate, settings: Settings) -> dict[str, Any]:
+    """The job options to store: as given, with managed spot training's limits resolved; a 400
+    naming every option SageMaker would refuse (checked for both backends, so a job the local
+    backend accepts runs on SageMaker too), or that the local backend cannot honour."""
+    options = request.resource_config.model_dump(exclude_defaults=True)
+    problems: list[tuple[str, str]] = []
+    mode = options.get("input_mode")
+    if mode is not None and mode not in KMEANS_INPUT_MODES:
+        problems.append(("input_mode", f"SageMaker's KMeans trains in File or Pipe mode only, not {mode}"))
+    if options.get("enable_managed_spot_training"):
+        problems += _spot_limits(options, settings)
+    elif "max_wait_seconds" in options:
+        problems.append(
+            ("max_wait_seconds", "applies to managed spot training only: set enable_managed_spot_training to true")
+        )
+    if "volume_kms_key_id" in options:
+        instance_type = str(options.get("instance_type") or settings.training_instance_type)
+        family = instance_type.split(".")[1] if instance_type.count(".") >= 2 else ""
+        if family in LOCAL_STORAGE_FAMILIES:
+            problems.append(
+                (
+                    "volume_kms_key_id",
+                    f"not with {instance_type}: its local NVMe storage is encrypted by the hardware and SageMaker "
+                    "refuses a VolumeKmsKeyId for it",
+                )
+            )
+    if request.backend == "local":
+        problems += [(name, why) for name, why in LOCAL_REFUSED_OPTIONS.items() if name in options]
+    if problems:
+        raise InvalidInput(
+            "invalid job options: " + "; ".join(f"resource_config.{name}: {message}" for name, message in problems),
+            details=[{"option": name, "message": message} for name, message in problems],
+        )
+    return options
+
+
+def _spot_limits(options: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
+    """Managed spot training: fill in ``max_wait_seconds`` (3600) and ``max_runtime_seconds`` (the
+    setting, at most the wait) in ``options``; the problems SageMaker would refuse."""
+    wait = int(options.setdefault("max_wait_seconds", SPOT_MAX_WAIT_SECONDS))
+    if wait > SPOT_MAX_WAIT_SECONDS:
+        return [
+            (
+                "max_wait_seconds",
+                f"must be <= {SPOT_MAX_WAIT_SECONDS} for SageMaker's KMeans (a built-in algorithm without "
+                f"checkpoints), got {wait}",
+            )
+        ]
+    runtime = int(options.setdefault("max_runtime_seconds", min(settings.max_runtime_seconds, wait)))
+    if runtime > wait:
+        return [
+            (
+                "max_runtime_seconds",
+                f"must be <= max_wait_seconds ({wait}): SageMaker's MaxWaitTimeInSeconds counts the wait for Spot "
+                f"capacity plus the training, got {runtime}",
+            )
+        ]
+    return []
+
+
+def ignored_options(backend: str, options: dict[str, Any]) -> list[str]:
+    """The stored job options ``backend`` does not use: on local, all of them (it refuses the ones
+    it cannot honour at creation); SageMaker uses every one."""
+    return [] if backend == "sagemaker" else sorted(options)
+
+
+def spot_savings_percent(row: TrainingJobTable) -> float | None:
+    """SageMaker's managed spot saving, (1 - billable / training) x 100; None unless known."""
+    if row.backend != "sagemaker" or not (row.resource_config or {}).get("enable_managed_spot_training"):
+        return None
+    if not row.training_seconds or row.billable_seconds is None:
+        return None
+    return round(100.0 * (1.0 - row.billable_seconds / row.training_seconds), 2)
+
+
 def default_features(dataset: DatasetTable) -> list[str]:
     features = [c["name"] for c in dataset.columns if c["dtype"] in NUMERIC_DTYPES and c["name"] != dataset.key_column]
     if not features:
@@ -267,6 +367,7 @@ def job_view(row: TrainingJobTable) -> TrainingJob:
         hyperparameters=row.hyperparameters,
         ignored_hyperparameters=ignored_hyperparameters(row.backend, row.hyperparameters),
         resource_config=row.resource_config,
+        ignored_options=ignored_options(row.backend, row.resource_config or {}),
         progress=Progress(
             points_processed=processed,
             points_total=total,
@@ -277,6 +378,7 @@ def job_view(row: TrainingJobTable) -> TrainingJob:
         ended_at=row.ended_at,
         training_seconds=row.training_seconds,
         billable_seconds=row.billable_seconds,
+        spot_savings_percent=spot_savings_percent(row),
         attempts=row.attempts,
         model_id=row.model_id,
         remote=row.remote,

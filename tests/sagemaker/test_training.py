@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -14,7 +17,7 @@ from service.backends.sagemaker import s3 as sagemaker_module
 from service.engine import predict, write_model_tar
 from service.main import create_app
 from service.settings import Settings
-from tests.helpers import BLOBS_CSV, assert_error, deployed, upload_csv
+from tests.helpers import BLOBS_CSV, assert_error, deployed, upload_csv, wait_for
 from tests.sagemaker.conftest import (
     BUCKET,
     KMEANS_IMAGE_US_EAST_1,
@@ -599,3 +602,149 @@ def test_full_pass_metrics_are_left_out_when_the_pass_would_outlast_the_lease(
     assert "full-pass training metrics not computed" in done["status_message"]
     metrics = sm_client.get(f"/models/{done['model_id']}").json()["metrics"]
     assert metrics == {"train:msd": 0.0433, "test:msd": 0.0512, "test:ssd": 0.2048}
+
+
+# --- shards and instances; the lease during uploads (issue 13, part 7) -----------------------------
+
+
+def rows_csv(rows: int) -> bytes:
+    return ("id,x,y\n" + "".join(f"r{i},{i % 10},{i // 10}\n" for i in range(rows))).encode()
+
+
+def test_rows_are_spread_so_that_every_instance_gets_an_object(
+    sm_client: TestClient, aws: FakeSageMaker, worker: Worker
+) -> None:
+    """100 rows on 30 instances: 30 objects of 4 or 3 rows (once 25 objects of 4: five hosts idle)."""
+    creates = record(backend_of(sm_client).client("sagemaker"), "CreateTrainingJob")
+    dataset = upload_csv(sm_client, "hundred", rows_csv(100), "id")
+    body = {
+        "name": "sm-job",
+        "train_dataset_id": dataset["id"],
+        "backend": "sagemaker",
+        "hyperparameters": {"k": 3},
+        "resource_config": {"instance_count": 30},
+    }
+    assert sm_client.post("/training-jobs", json=body).status_code == 202
+    poll(worker)
+    keys = aws.keys(f"{PREFIX}/sm-job/train/")
+    assert keys == [f"{PREFIX}/sm-job/train/data-{i:05d}.csv" for i in range(30)]
+    sizes = [len(aws.get(key).decode().splitlines()) for key in keys]
+    assert sizes == [3] * 20 + [4] * 10 or sorted(sizes) == [3] * 20 + [4] * 10
+    assert sum(sizes) == 100 and max(sizes) - min(sizes) == 1
+    assert "".join(aws.get(key).decode() for key in keys).splitlines()[:2] == ["0,0", "1,0"]  # in order
+    assert creates.params[0]["ResourceConfig"]["InstanceCount"] == 30
+    submitted = job(sm_client)
+    assert (submitted["remote"]["instance_count"], submitted["remote"]["train_objects"]) == (30, 30)
+    assert "instance_count_requested" not in submitted["remote"]
+    assert submitted["status_message"] == "submitted to SageMaker as training job sm-job"
+
+
+def test_fewer_rows_than_instances_asks_for_fewer_instances_and_says_so(
+    sm_client: TestClient, aws: FakeSageMaker, worker: Worker
+) -> None:
+    creates = record(backend_of(sm_client).client("sagemaker"), "CreateTrainingJob")
+    submit(sm_client, resource_config={"instance_count": 100})  # the 60 rows of BLOBS_CSV
+    poll(worker)
+    keys = aws.keys(f"{PREFIX}/sm-job/train/")
+    assert len(keys) == 60 and all(len(aws.get(key).decode().splitlines()) == 1 for key in keys)
+    assert creates.params[0]["ResourceConfig"]["InstanceCount"] == 60
+    assert aws.training_job("sm-job").resource_config["InstanceCount"] == 60
+    submitted = job(sm_client)
+    remote = submitted["remote"]
+    assert (remote["instance_count"], remote["instance_count_requested"], remote["train_objects"]) == (60, 100, 60)
+    assert submitted["status_message"].startswith(
+        "submitted to SageMaker as training job sm-job on 60 instances instead of the 100 configured: "
+        "the training data has 60 rows"
+    )
+    assert submitted["resource_config"] == {"instance_count": 100}  # what was asked stays visible
+    aws.set_training("sm-job", "InProgress", "Training", [("Training", "Training in progress")])
+    poll(worker)  # SageMaker's messages take over the status message; the remote fields stay
+    assert job(sm_client)["remote"]["instance_count_requested"] == 100
+
+
+@pytest.fixture
+def slow_upload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training upload in many small multipart pieces, each a little slow (~1.2 s in all)."""
+    import moto.s3.models
+
+    monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", 64)
+    monkeypatch.setattr(sagemaker_module, "PART_BYTES", 100)
+    monkeypatch.setattr(sagemaker_module, "READ_BATCH_ROWS", 2)
+    original = sagemaker_module._MultipartWriter.write
+
+    def slow(self: sagemaker_module._MultipartWriter, data: bytes) -> None:
+        time.sleep(0.04)
+        original(self, data)
+
+    monkeypatch.setattr(sagemaker_module._MultipartWriter, "write", slow)
+
+
+@pytest.fixture
+def short_lease_client(sm_settings: Settings, aws: FakeSageMaker) -> Iterator[TestClient]:
+    """A 0.5 s lease; a first poll 2 s after submission (so no one polls while the test watches)."""
+    settings = sm_settings.model_copy(update={"lease_seconds": 0.5, "remote_poll_seconds": 60.0})
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_an_upload_slower_than_the_lease_is_not_claimed_by_a_second_worker(
+    short_lease_client: TestClient, aws: FakeSageMaker, slow_upload: None
+) -> None:
+    client = short_lease_client
+    state = client.app.state.centroid  # type: ignore[attr-defined]
+    creates = record(backend_of(client).client("sagemaker"), "CreateTrainingJob")
+    uploads = record(backend_of(client).client("s3"), "CreateMultipartUpload")
+    submit(client)
+    first, second = Worker(state, worker_id="first"), Worker(state, worker_id="second")
+    started = time.monotonic()
+    thread = threading.Thread(target=first.jobs.step)
+    thread.start()
+    wait_for(lambda: len(uploads.params), lambda n: n > 0)  # the first worker holds the job, uploading
+    claimed_by_second = []
+    while thread.is_alive():
+        claimed_by_second.append(second.jobs.step())
+        time.sleep(0.05)
+    thread.join()
+    elapsed = time.monotonic() - started
+
+    assert elapsed > 2 * state.settings.lease_seconds  # the upload outlasted the lease twice over
+    assert len(claimed_by_second) > 10 and not any(claimed_by_second)
+    assert len(uploads.params) == 1 and len(creates.params) == 1  # uploaded once, submitted once
+    submitted = job(client)
+    assert submitted["status"] == "InProgress" and submitted["remote"]["training_job_arn"].endswith("/sm-job")
+    assert submitted["attempts"] == 1
+    np.testing.assert_array_equal(
+        np.loadtxt(io.StringIO(aws.get(f"{PREFIX}/sm-job/train/data.csv").decode()), delimiter=","), blob_features()
+    )
+
+
+@pytest.mark.parametrize("interruption", ["stop", "shutdown"])
+def test_an_upload_is_abandoned_on_stop_or_shutdown(
+    short_lease_client: TestClient, aws: FakeSageMaker, slow_upload: None, interruption: str
+) -> None:
+    client = short_lease_client
+    state = client.app.state.centroid  # type: ignore[attr-defined]
+    creates = record(backend_of(client).client("sagemaker"), "CreateTrainingJob")
+    parts = record(backend_of(client).client("s3"), "UploadPart")
+    aborts = record(backend_of(client).client("s3"), "AbortMultipartUpload")
+    submit(client)
+    worker = Worker(state, worker_id="first")
+    thread = threading.Thread(target=worker.jobs.step)
+    thread.start()
+    wait_for(lambda: len(parts.params), lambda n: n > 0)
+    if interruption == "stop":
+        assert client.post("/training-jobs/sm-job/stop").json()["status"] == "Stopping"
+    else:
+        worker.request_shutdown()
+    thread.join(30)
+
+    assert len(aborts.params) == 1 and creates.params == [] and aws.state.training_jobs == {}
+    assert aws.keys(f"{PREFIX}/sm-job/train/") == []  # the object never completed
+    ended = job(client)
+    if interruption == "stop":
+        assert ended["status"] == "Stopped"
+        assert ended["status_message"].startswith("stopped while uploading the training data, before submission")
+    else:  # released for another worker, which uploads and submits it
+        assert (ended["status"], ended["attempts"]) == ("Pending", 0)
+        Worker(state, worker_id="next").jobs.step()
+        assert job(client)["status"] == "InProgress" and len(creates.params) == 1

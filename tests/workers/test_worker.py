@@ -13,11 +13,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from service.backends.base import BackendStatus, TrainingHooks, TrainingSpec, TrainingUpdate
 from service.db.tables import ModelTable, TrainingJobTable
 from service.db.types import utcnow
 from service.jobs.repository import JobRepository
 from service.main import create_app
 from service.settings import Settings
+from service.statuses import SecondaryStatus
 from tests.helpers import BLOBS_CSV, run_worker_until_idle, start_job, upload_csv, wait_for
 from workers.worker import MAX_ATTEMPTS, Worker
 
@@ -241,3 +243,118 @@ def test_a_training_worker_keeps_its_row_fresh(app_client: TestClient) -> None:
     finally:
         worker.request_shutdown()
         thread.join(30)
+
+
+# --- remote steps run under the lease heartbeat (issue 13, part 7) ---------------------------------
+
+
+class SlowRemote:
+    """A remote backend whose first step (an upload, say) takes ``seconds``, asking the worker's
+    hooks whether to go on, as the SageMaker upload does between pieces."""
+
+    name = "sagemaker"
+    trains_in_process = False
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = threading.Event()
+        self.abandoned = False
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(self.name, True, "a slow fake")
+
+    def ensure_configured(self) -> None:
+        """Always usable."""
+
+    def advance_training(self, spec: TrainingSpec, hooks: TrainingHooks) -> TrainingUpdate:
+        self.started.set()
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            if hooks.should_stop():
+                self.abandoned = True
+                return TrainingUpdate.stopped("abandoned the upload")
+            time.sleep(0.02)
+        return TrainingUpdate.running(
+            SecondaryStatus.STARTING,
+            message="submitted",
+            remote={"training_job_name": spec.job_name},
+            poll_after_seconds=3600,
+        )
+
+    def stop_training(self, spec: TrainingSpec) -> None:
+        """Nothing was submitted."""
+
+
+@pytest.fixture
+def slow_remote(app_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> SlowRemote:
+    """The `sagemaker` backend replaced by :class:`SlowRemote`, taking 4 leases (2.4 s) per step."""
+    from service.backends.local import LocalBackend
+    from service.backends.registry import BackendRegistry
+
+    remote = SlowRemote(4 * centroid(app_client).settings.lease_seconds)
+    monkeypatch.setattr(centroid(app_client), "backends", BackendRegistry([LocalBackend(), remote]))  # type: ignore[list-item]
+    dataset = upload_csv(app_client, "blobs", BLOBS_CSV, "id")
+    start_job(app_client, "remote", dataset["id"], backend="sagemaker")
+    return remote
+
+
+def test_a_remote_step_longer_than_the_lease_keeps_it(app_client: TestClient, slow_remote: SlowRemote) -> None:
+    state = centroid(app_client)
+    first, second = Worker(state, worker_id="first"), Worker(state, worker_id="second")
+    thread = threading.Thread(target=first.jobs.step)
+    thread.start()
+    slow_remote.started.wait(10)
+    claims = []
+    while thread.is_alive():
+        with state.database.session() as session:
+            claims.append(JobRepository(session).claim_next("second", 60, ["sagemaker"]))
+        time.sleep(0.05)
+    thread.join()
+    assert len(claims) > 20 and not any(claims)
+    assert not second.jobs.step()  # after the step: released with the next poll an hour away
+    submitted = job(app_client, "remote")
+    assert (submitted["status"], submitted["status_message"], submitted["attempts"]) == ("InProgress", "submitted", 1)
+    assert submitted["progress"]["points_processed"] == 0  # the heartbeat wrote no progress of its own
+
+
+def test_a_remote_step_that_lost_its_lease_writes_nothing(app_client: TestClient, slow_remote: SlowRemote) -> None:
+    state = centroid(app_client)
+    thread = threading.Thread(target=Worker(state, worker_id="first").jobs.step)
+    thread.start()
+    slow_remote.started.wait(10)
+    with state.database.session() as session:  # as if the lease had run out and another worker claimed it
+        session.execute(
+            update(TrainingJobTable)
+            .where(TrainingJobTable.name == "remote")
+            .values(lease_owner="thief", lease_expires_at=utcnow() + timedelta(hours=1))
+        )
+        session.commit()
+    thread.join(30)
+    assert slow_remote.abandoned  # the step heard of the lost lease and gave up
+    with state.database.session() as session:
+        row = session.get(TrainingJobTable, "remote")
+        assert row is not None
+        assert (row.lease_owner, row.status, row.status_message) == ("thief", "InProgress", "waiting for a worker")
+
+
+@pytest.mark.parametrize("interruption", ["stop", "shutdown"])
+def test_a_remote_step_is_abandoned_on_stop_or_shutdown(
+    app_client: TestClient, slow_remote: SlowRemote, interruption: str
+) -> None:
+    worker = Worker(centroid(app_client), worker_id="first")
+    thread = threading.Thread(target=worker.jobs.step)
+    thread.start()
+    slow_remote.started.wait(10)
+    if interruption == "stop":
+        app_client.post("/training-jobs/remote/stop")
+    else:
+        worker.request_shutdown()
+    started = time.monotonic()
+    thread.join(30)
+    assert time.monotonic() - started < slow_remote.seconds / 2 and slow_remote.abandoned
+    ended = job(app_client, "remote")
+    if interruption == "stop":
+        assert (ended["status"], ended["status_message"]) == ("Stopped", "abandoned the upload")
+    else:  # given back, as a local training is on shutdown
+        assert (ended["status"], ended["attempts"]) == ("Pending", 0)
+        assert ended["status_message"].startswith("released by a worker that shut down")

@@ -101,8 +101,9 @@ class SageMakerBackend:
     # --- the work -----------------------------------------------------------------------------
 
     def advance_training(self, spec: TrainingSpec, hooks: TrainingHooks) -> TrainingUpdate:
-        """Submit the job on the first call; afterwards mirror DescribeTrainingJob."""
-        return self._training.advance(spec)
+        """Submit the job on the first call; afterwards mirror DescribeTrainingJob. An upload asks
+        ``hooks.should_stop()`` between pieces (the worker heartbeats the lease meanwhile)."""
+        return self._training.advance(spec, hooks)
 
     def stop_training(self, spec: TrainingSpec) -> None:
         """Send StopTrainingJob; a failure is logged and the stop re-sent while SageMaker trains on."""

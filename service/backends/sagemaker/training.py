@@ -4,13 +4,26 @@ The first call streams the feature matrix from Parquet to S3 as headerless CSV a
 CreateTrainingJob; later calls poll DescribeTrainingJob and mirror it. On Completed the model
 artifact is downloaded and read with the engine's reader, so the model is registered like a
 local one (and can be served locally). Everything the next call needs is returned in ``remote``.
+The worker heartbeats the job's lease during every call, so a long upload keeps its lease; the
+upload asks ``hooks.should_stop()`` between pieces and is abandoned (the multipart upload
+aborted) when the job is stopped, the lease lost or the worker shutting down.
+
+The job options (``spec.resource_config``, checked when the job was created) become
+CreateTrainingJob's fields: ``ResourceConfig`` (``InstanceType``, ``InstanceCount``,
+``VolumeSizeInGB``, ``VolumeKmsKeyId``), ``StoppingCondition`` (``MaxRuntimeInSeconds``,
+``MaxWaitTimeInSeconds``), ``EnableManagedSpotTraining``, ``CheckpointConfig``, ``VpcConfig``,
+``OutputDataConfig.KmsKeyId`` and ``AlgorithmSpecification.TrainingInputMode``; a field is sent
+only when its option is set (or has a setting as its default). ``InstanceCount`` is the number of
+objects the training data was written as, never more: ``ShardedByS3Key`` hands whole objects to
+instances, so an instance without one would get no data (see :func:`upload_dataset`).
 
 The ``HyperParameters`` sent are the job's, SageMaker-only keys (``force_dense``, ``_num_gpus``,
 ...) included exactly as given. The model's metrics are SageMaker's ``FinalMetricDataList``
 quality metrics under SageMaker's names (``train:msd``, ``test:msd``, ``test:ssd``), plus the
 full-pass training figures (``train:msd_full_pass``, ...) Centroid computes itself from the
 artifact's centroids and the training data when that pass fits in a third of the worker's lease
-(the poll runs without a heartbeat); otherwise they are left out and the job's message says so.
+(so one poll does not hold a worker for long); otherwise they are left out and the job's message
+says so.
 """
 
 from __future__ import annotations
@@ -21,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from service.backends.base import BackendNotConfigured, TrainedModel, TrainingSpec, TrainingUpdate
+from service.backends.base import BackendNotConfigured, TrainedModel, TrainingHooks, TrainingSpec, TrainingUpdate
 from service.backends.sagemaker.client import AWS_FAILURES, AwsContext, NotFound, Permanent, aws_call, failure_text
 from service.backends.sagemaker.naming import kmeans_image
-from service.backends.sagemaker.s3 import download_artifact, s3_uri, upload_dataset
-from service.engine import EngineInputError, ModelFormatError, ParquetBatchSource, TrainingStopped, read_model_tar
+from service.backends.sagemaker.s3 import UploadInterrupted, download_artifact, s3_uri, upload_dataset, write_manifest
+from service.engine import EngineInputError, ModelFormatError, TrainingStopped, read_model_tar
 from service.engine.metrics import SAGEMAKER_QUALITY_METRICS, full_pass_metrics
 from service.engine.webscale import evaluate
 from service.statuses import JobStatus, SecondaryStatus
@@ -69,15 +82,35 @@ def _status_message(described: dict[str, Any]) -> str:
     return str(last or f"SageMaker: {described['TrainingJobStatus']} / {described.get('SecondaryStatus', '')}")
 
 
-def _channel(name: str, uri: str, distribution: str) -> dict[str, Any]:
+def _channel(name: str, uri: str, distribution: str, data_type: str = "S3Prefix") -> dict[str, Any]:
     return {
         "ChannelName": name,
-        "DataSource": {
-            "S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": distribution}
-        },
+        "DataSource": {"S3DataSource": {"S3DataType": data_type, "S3Uri": uri, "S3DataDistributionType": distribution}},
         "ContentType": TRAIN_CONTENT_TYPE,
         "CompressionType": "None",
     }
+
+
+def _data_note(remote: dict[str, Any]) -> str:
+    """What the status message says about a dataset in S3: read in place, or converted."""
+    if remote.get("train_data") == "direct":
+        return "; the training data is read in place from the dataset's S3 objects (listed in a manifest)"
+    if remote.get("train_data") == "converted":
+        return "; the dataset's S3 objects were converted once to headerless CSV of the job's features"
+    return ""
+
+
+def _instance_note(remote: dict[str, Any]) -> str:
+    """What the job's status message says when fewer instances were asked for than configured."""
+    requested = remote.get("instance_count_requested")
+    if not requested:
+        return ""
+    rows = remote["train_objects"]
+    return (
+        f" on {remote['instance_count']} instances instead of the {requested} configured: the training data has "
+        f"{rows} rows, written as one S3 object per instance (the train channel is ShardedByS3Key, which hands whole "
+        "objects to instances), so more instances would get no data"
+    )
 
 
 def _fail(update: TrainingUpdate, reason: str) -> None:
@@ -91,8 +124,9 @@ class TrainingJobs:
     def __init__(self, aws: AwsContext) -> None:
         self.aws = aws
 
-    def advance(self, spec: TrainingSpec) -> TrainingUpdate:
-        """Submit the job on the first call; afterwards mirror DescribeTrainingJob."""
+    def advance(self, spec: TrainingSpec, hooks: TrainingHooks | None = None) -> TrainingUpdate:
+        """Submit the job on the first call; afterwards mirror DescribeTrainingJob. ``hooks``
+        (the worker's) say when an upload in progress should be abandoned."""
         submitted = bool(spec.remote.get("training_job_name"))
         try:
             self.aws.ensure_configured()
@@ -104,7 +138,7 @@ class TrainingJobs:
             if not submitted:
                 if spec.stop_requested:
                     return TrainingUpdate.stopped("stopped before submission")
-                return self._submit(spec)
+                return self._submit(spec, hooks)
             return self._poll(spec)
         except Permanent as exc:
             return TrainingUpdate.failed(str(exc))
@@ -117,7 +151,7 @@ class TrainingJobs:
 
     # --- submission ---------------------------------------------------------------------------
 
-    def _submit(self, spec: TrainingSpec) -> TrainingUpdate:
+    def _submit(self, spec: TrainingSpec, hooks: TrainingHooks | None) -> TrainingUpdate:
         settings = self.aws.settings
         image = kmeans_image(str(settings.aws_region))
         remote: dict[str, Any] = {
@@ -126,23 +160,50 @@ class TrainingJobs:
             "output_s3_uri": s3_uri(self.aws.bucket, self.aws.key(spec.job_name, "output")),
         }
         existing = self._adopt(spec.job_name, remote["output_s3_uri"])  # before uploading anything
-        remote["training_job_arn"] = existing or self._create_training_job(spec, image, remote)
+        try:
+            remote["training_job_arn"] = existing or self._create_training_job(spec, image, remote, hooks)
+        except UploadInterrupted as exc:
+            log.info("abandoned the upload of %s: %s", spec.job_name, exc)
+            return TrainingUpdate.stopped(f"stopped while uploading the training data, before submission ({exc})")
         log.info("submitted SageMaker training job", extra={"job": spec.job_name, "image": image})
         return TrainingUpdate.running(
             SecondaryStatus.STARTING,
-            message=f"submitted to SageMaker as training job {spec.job_name}",
+            message=f"submitted to SageMaker as training job {spec.job_name}"
+            + _instance_note(remote)
+            + _data_note(remote),
             remote={**remote, "polls": 0},
             poll_after_seconds=self.aws.poll_delay(0),
         )
 
-    def _create_training_job(self, spec: TrainingSpec, image: str, remote: dict[str, Any]) -> str:
-        """Upload the data, then CreateTrainingJob; returns the job's ARN."""
-        instance_count = int(spec.resource_config.get("instance_count") or self.aws.settings.training_instance_count)
-        remote["train_s3_uri"], remote["train_objects"] = upload_dataset(
-            self.aws, spec.job_name, spec.train, "train", instance_count
-        )
-        if spec.test is not None:
-            remote["test_s3_uri"], _ = upload_dataset(self.aws, spec.job_name, spec.test, "test", 1)
+    def _create_training_job(
+        self, spec: TrainingSpec, image: str, remote: dict[str, Any], hooks: TrainingHooks | None
+    ) -> str:
+        """Upload the data, then CreateTrainingJob; returns the job's ARN. ``InstanceCount`` is the
+        number of objects the training data became (fewer than asked when there are fewer rows)."""
+        requested = int(spec.resource_config.get("instance_count") or self.aws.settings.training_instance_count)
+        should_stop = hooks.should_stop if hooks is not None else None
+        if spec.train.direct_s3_uri is not None:
+            remote["train_s3_uri"], remote["train_objects"] = write_manifest(
+                self.aws, spec.job_name, spec.train, "train"
+            )
+            remote["train_manifest"] = True
+            remote["train_data"] = "direct"
+        else:
+            remote["train_s3_uri"], remote["train_objects"] = upload_dataset(
+                self.aws, spec.job_name, spec.train, "train", requested, should_stop=should_stop
+            )
+            if spec.train.s3 is not None:
+                remote["train_data"] = "converted"
+        instance_count = remote["instance_count"] = min(requested, int(remote["train_objects"]))
+        if instance_count < requested:
+            remote["instance_count_requested"] = requested
+        if spec.test is not None and spec.test.direct_s3_uri is not None:
+            remote["test_s3_uri"], _ = write_manifest(self.aws, spec.job_name, spec.test, "test")
+            remote["test_manifest"] = True
+        elif spec.test is not None:
+            remote["test_s3_uri"], _ = upload_dataset(
+                self.aws, spec.job_name, spec.test, "test", 1, should_stop=should_stop
+            )
         request = self._training_request(spec, image, remote, instance_count)
         create = self.aws.client("sagemaker").create_training_job
         try:
@@ -176,27 +237,56 @@ class TrainingJobs:
         settings = self.aws.settings
         hyperparameters = spec.hyperparameters.to_sagemaker()
         hyperparameters["feature_dim"] = str(len(spec.train.columns))
-        channels = [_channel("train", remote["train_s3_uri"], "ShardedByS3Key")]
+        manifest = "ManifestFile"
+        channels = [
+            _channel(
+                "train",
+                remote["train_s3_uri"],
+                "ShardedByS3Key",
+                manifest if remote.get("train_manifest") else "S3Prefix",
+            )
+        ]
         if "test_s3_uri" in remote:
-            channels.append(_channel("test", remote["test_s3_uri"], "FullyReplicated"))
+            kind = manifest if remote.get("test_manifest") else "S3Prefix"
+            channels.append(_channel("test", remote["test_s3_uri"], "FullyReplicated", kind))
         config = spec.resource_config
-        return {
+        output: dict[str, Any] = {"S3OutputPath": remote["output_s3_uri"]}
+        if config.get("output_kms_key_id"):
+            output["KmsKeyId"] = config["output_kms_key_id"]
+        resources: dict[str, Any] = {
+            "InstanceType": config.get("instance_type") or settings.training_instance_type,
+            "InstanceCount": instance_count,
+            "VolumeSizeInGB": int(config.get("volume_size_gb") or settings.training_volume_gb),
+        }
+        if config.get("volume_kms_key_id"):
+            resources["VolumeKmsKeyId"] = config["volume_kms_key_id"]
+        stopping = {"MaxRuntimeInSeconds": int(config.get("max_runtime_seconds") or settings.max_runtime_seconds)}
+        request: dict[str, Any] = {
             "TrainingJobName": spec.job_name,
-            "AlgorithmSpecification": {"TrainingImage": image, "TrainingInputMode": "File"},
+            "AlgorithmSpecification": {
+                "TrainingImage": image,
+                "TrainingInputMode": config.get("input_mode") or "File",
+            },
             "RoleArn": settings.sagemaker_role_arn,
             "HyperParameters": hyperparameters,
             "InputDataConfig": channels,
-            "OutputDataConfig": {"S3OutputPath": remote["output_s3_uri"]},
-            "ResourceConfig": {
-                "InstanceType": config.get("instance_type") or settings.training_instance_type,
-                "InstanceCount": instance_count,
-                "VolumeSizeInGB": settings.training_volume_gb,
-            },
-            "StoppingCondition": {
-                "MaxRuntimeInSeconds": int(config.get("max_runtime_seconds") or settings.max_runtime_seconds)
-            },
+            "OutputDataConfig": output,
+            "ResourceConfig": resources,
+            "StoppingCondition": stopping,
             "Tags": [{"Key": "centroid:training-job", "Value": spec.job_name}],
         }
+        if config.get("enable_managed_spot_training"):
+            request["EnableManagedSpotTraining"] = True
+            stopping["MaxWaitTimeInSeconds"] = int(config.get("max_wait_seconds") or stopping["MaxRuntimeInSeconds"])
+        if config.get("checkpoint_s3_uri"):
+            request["CheckpointConfig"] = {"S3Uri": config["checkpoint_s3_uri"]}
+        vpc = config.get("vpc_config")
+        if vpc:
+            request["VpcConfig"] = {
+                "SecurityGroupIds": list(vpc["security_group_ids"]),
+                "Subnets": list(vpc["subnets"]),
+            }
+        return request
 
     # --- following the job --------------------------------------------------------------------
 
@@ -273,7 +363,7 @@ class TrainingJobs:
         deadline = time.monotonic() + budget
         try:
             totals = evaluate(
-                ParquetBatchSource(spec.train.path, spec.train.columns),
+                spec.train.batch_source(),
                 centroids,
                 batch_size=spec.hyperparameters.mini_batch_size,
                 should_stop=lambda: time.monotonic() > deadline,
