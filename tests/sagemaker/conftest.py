@@ -87,6 +87,16 @@ def moto_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def database_url(tmp_path: Any) -> str:
+    """SQLite only here: what these tests check is what Centroid sends to AWS and makes of the
+    answers, which no database changes. The database's part of a remote job (leases, claims,
+    NOTIFY wake-ups, the lease heartbeat) runs on PostgreSQL too in tests/workers and tests/db.
+    Overrides the suite's fixture, which would run every test here once more on PostgreSQL (about
+    90 s of CI for nothing new)."""
+    return f"sqlite:///{tmp_path / 'centroid.db'}"
+
+
+@pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """Fake credentials only; no profile or config file of the machine can leak in."""
     for name in (
