@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,20 @@ run: $(VENV)/.installed-run
 ## Run the whole test suite.
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+## The day-to-day subset: every test not marked `slow`, on every core (under a minute; `make test` stays the whole suite).
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "not slow" -q -n auto
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-run
+
+## Lint: ruff's configured rules, mypy (strict typing of the code that ships) and the layer contracts.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy service workers schemas
+	$(BIN)/lint-imports --no-logo
 
 ## Run the engine benchmarks (numbers recorded in docs/benchmarks.md).
 bench: $(VENV)/.installed-test

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import sklearn
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.datasets import load_digits, make_blobs
@@ -33,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.engine import KMeansHyperparameters, WebScaleKMeans  # noqa: E402
+from service.sample_data import workshop_matrix  # noqa: E402
 
-SAMPLE_DATA = REPO / "service" / "sample_data"
 # Ours: SageMaker's defaults (mini_batch_size=5000, epochs=1, init_method=random,
 # extra_center_factor=auto -> 10, local_lloyd_num_trials=auto -> 10, kmeans++ reduction); only k,
 # feature_dim and the seed are set.
@@ -52,17 +51,6 @@ class Case:
 class Result:
     seconds: float
     msd: float
-
-
-def workshop_matrix() -> np.ndarray:
-    """The workshop's 50 states x 5 features (density min-max scaled to [-1, 1])."""
-    crimes = pd.read_csv(SAMPLE_DATA / "crimes.csv")
-    densities = pd.read_csv(SAMPLE_DATA / "densities.csv")
-    density = densities["DensityPerMile"].astype(float)
-    densities["DensityPerMile"] = np.interp(density, (density.min(), density.max()), (-1, 1))
-    joined = crimes.merge(densities, on="State", how="inner")
-    columns = ["Murder", "Assault", "UrbanPop", "Rape", "DensityPerMile"]
-    return joined[columns].to_numpy(dtype=np.float32)
 
 
 def cases(quick: bool) -> list[Case]:
@@ -98,7 +86,7 @@ def contenders(k: int, d: int, seed: int) -> dict[str, Callable[[np.ndarray], np
             .cluster_centers_
         ),
         "MiniBatchKMeans": lambda X: MiniBatchKMeans(n_clusters=k, random_state=seed).fit(X).cluster_centers_,
-        "ours": lambda X: WebScaleKMeans(hp).fit(X).cluster_centers_,
+        "ours": lambda X: WebScaleKMeans.from_hyperparameters(hp).fit(X).cluster_centers_,
     }
 
 

@@ -76,6 +76,15 @@ def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": descriptions.get(code, "Error")} for code in status_codes}
 
 
+#: The 409 of an operation that needs a backend or service the server may have no settings for.
+NOT_CONFIGURED_RESPONSE: dict[str, Any] = {
+    "model": ErrorResponse,
+    "description": "Conflict with the current state: of the resource, or of the server when what the request needs "
+    "(the `sagemaker` backend, S3) is not configured on it: code `not_configured`, the message names the missing "
+    "settings (`GET /backends` lists what is configured).",
+}
+
+
 class BackendInfo(BaseModel):
     name: str = Field(examples=["local"])
     configured: bool = Field(description="Whether jobs and endpoints can use it now.")

@@ -3,29 +3,62 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from service.statuses import DatasetTaskStatus
 
 Dtype = Literal["int64", "float64", "string"]
 CellValue = StrictInt | StrictFloat | StrictStr | None
-Name = Annotated[
-    str,
-    Field(min_length=1, max_length=200, description="Human-readable name; need not be unique.", examples=["crimes"]),
-]
-ColumnName = Annotated[str, Field(min_length=1, max_length=256, examples=["Murder"])]
+#: Characters ``str.strip()`` removes that are not control characters (Python's whitespace).
+_BLANK = r"\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+#: The rule for the names of datasets and imported models, as one regular expression (ECMA-262 and
+#: Python alike): no control character (U+0000-U+001F, U+007F), and not only whitespace. The OpenAPI
+#: schema publishes it as ``pattern``; the validator below checks it, with a friendlier message.
+NAME_PATTERN = rf"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f{_BLANK}][^\x00-\x1f\x7f]*$"
+_NAME = re.compile(NAME_PATTERN)
 
 
 def _no_control_chars(value: str) -> str:
-    if not value.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _NAME.fullmatch(value) is None:
         raise ValueError("must be non-blank and contain no control characters")
     return value
 
 
 no_control_chars = _no_control_chars  # the multipart forms (CSV upload, model import) check names the same way
+Name = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        description="Human-readable name; need not be unique. Not blank, no control characters.",
+        examples=["crimes"],
+        json_schema_extra={"pattern": NAME_PATTERN},
+    ),
+    AfterValidator(_no_control_chars),
+]
+#: A name's JSON Schema, for the forms and query parameters whose schema is written by hand.
+NAME_SCHEMA: dict[str, Any] = {
+    key: value for key, value in TypeAdapter(Name).json_schema().items() if key not in ("description", "examples")
+}
+#: Column names follow the same rule (``service.datasets.parsing.check_column_names``, 400 when broken).
+ColumnName = Annotated[
+    str, Field(min_length=1, max_length=256, examples=["Murder"], json_schema_extra={"pattern": NAME_PATTERN})
+]
 
 
 class ColumnInfo(BaseModel):
@@ -56,10 +89,10 @@ class DatasetCreate(BaseModel):
     key_column: str | None = Field(
         default=None, description="Column whose values label each row (unique, non-empty).", examples=["State"]
     )
-    columns: list[ColumnName] = Field(min_length=1, description="Column names, in order.")
+    columns: list[ColumnName] = Field(
+        min_length=1, description="Column names, in order; distinct.", json_schema_extra={"uniqueItems": True}
+    )
     rows: list[list[CellValue]] = Field(min_length=1, description="Rows; each as long as `columns`.")
-
-    _check_name = field_validator("name")(_no_control_chars)
 
 
 # Most objects one S3 dataset may have (data objects and the ones skipped, e.g. `_SUCCESS`).
@@ -83,7 +116,24 @@ class S3DatasetCreate(BaseModel):
                     "header": False,
                     "columns": ["Murder", "Assault", "UrbanPop", "Rape"],
                 },
-            ]
+            ],
+            # The rules of `_csv_fields` below, for clients and generators to read.
+            "allOf": [
+                {
+                    "if": {"required": ["format"], "properties": {"format": {"const": "parquet"}}},
+                    "then": {
+                        "properties": {
+                            "header": {"type": "null"},
+                            "delimiter": {"const": ","},
+                            "columns": {"type": "null"},
+                        }
+                    },
+                },
+                {
+                    "if": {"required": ["columns"], "properties": {"columns": {"type": "array"}}},
+                    "then": {"required": ["header"], "properties": {"header": {"const": False}}},
+                },
+            ],
         },
     )
 
@@ -118,11 +168,11 @@ class S3DatasetCreate(BaseModel):
     columns: list[ColumnName] | None = Field(
         default=None,
         min_length=1,
-        description="CSV without a header only: the column names, in order (default `f0`, `f1`, ...).",
+        description="CSV without a header only (`header: false`): the column names, in order, distinct "
+        "(default `f0`, `f1`, ...).",
         examples=[["Murder", "Assault", "UrbanPop", "Rape"]],
+        json_schema_extra={"uniqueItems": True},
     )
-
-    _check_name = field_validator("name")(_no_control_chars)
 
     @model_validator(mode="after")
     def _csv_fields(self) -> S3DatasetCreate:
@@ -248,14 +298,73 @@ class DatasetRows(BaseModel):
 
 
 class JoinStep(BaseModel):
-    """Join another dataset on a key column. Duplicate keys on either side are an error."""
+    """Join another dataset, 1:1, on a join column of each side (by default: the two key columns).
+
+    Duplicate join values on either side are an error. The result keeps this dataset's rows in
+    order (`inner`: those that find a match), then the other side's columns; the other side's join
+    column is not repeated. A non-key column name both sides have is an error unless `suffixes`
+    are given."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"op": "join", "dataset_id": "ds-0a1b2c3d4e5f60718293"},
+                {
+                    "op": "join",
+                    "dataset_id": "ds-0a1b2c3d4e5f60718293",
+                    "how": "left",
+                    "left_on": "State",
+                    "right_on": "state_name",
+                    "suffixes": ["_crimes", "_facts"],
+                },
+            ]
+        }
+    )
 
     op: Literal["join"]
     dataset_id: str = Field(description="The dataset to join in.", examples=["ds-0a1b2c3d4e5f60718293"])
-    how: Literal["inner", "left"] = Field(default="inner", description="`inner` keeps keys present in both.")
-    on: str | None = Field(
-        default=None, description="Column present in both; default: this dataset's key column.", examples=["State"]
+    how: Literal["inner", "left"] = Field(
+        default="inner",
+        description="`inner` keeps the rows whose join value is on both sides; `left` keeps every row of this "
+        "dataset (the other side's columns are null where it has no match; its integer columns become floats).",
     )
+    on: str | None = Field(
+        default=None,
+        description="One name for both sides' join column (like `left_on` and `right_on` both set to it), e.g. to "
+        "join on a column that is not a key. Not together with `left_on` or `right_on` (400).",
+        examples=["State"],
+    )
+    left_on: str | None = Field(
+        default=None,
+        description="This dataset's join column, when the two sides name theirs differently (given without "
+        "`right_on`, the other side joins on its key column). Default: this dataset's key column (400 when it has "
+        "none). The result keeps it under this name.",
+        examples=["State"],
+    )
+    right_on: str | None = Field(
+        default=None,
+        description="The other dataset's join column; the result does not repeat it. Default: the other "
+        "dataset's key column, whatever its name; when that dataset has no key column, its column named like this "
+        "side's join column (400 when it has none either: pass `right_on`).",
+        examples=["state_name"],
+    )
+    suffixes: tuple[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None,
+        description="`[left_suffix, right_suffix]`, as in `pandas.merge`: a column name both datasets have "
+        "(besides the join columns) is kept on both sides, renamed with this dataset's suffix on its side and "
+        "the other's on the other side (this dataset's join column always keeps its name). Default: none, and "
+        "such a name is a 400 naming the columns. Suffixes that leave two columns with one name (e.g. two "
+        'empty ones) are a 400 naming them. The suffixed names are what later steps use (`"Murder_crimes"`).',
+        examples=[["_crimes", "_facts"]],
+    )
+
+    @field_validator("suffixes")
+    @classmethod
+    def _printable_suffixes(cls, value: tuple[str, str] | None) -> tuple[str, str] | None:
+        for suffix in value or ():
+            if any(ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) <= 0xDFFF for ch in suffix):
+                raise ValueError("suffixes must be text without control characters or lone surrogates")
+        return value
 
 
 class ScaleStep(BaseModel):
@@ -308,14 +417,19 @@ class DropNaStep(BaseModel):
     columns: list[ColumnName] | None = Field(default=None, examples=[["Murder"]])
 
 
+_NO_NUL: dict[str, Any] = {"pattern": "^[^\\x00]*$"}
+
+
 class FillNaStep(BaseModel):
     """Fill nulls with the column mean or a constant; the values used are stored in the recipe."""
 
     op: Literal["fillna"]
     columns: list[ColumnName] | None = Field(default=None, description="Default: every column with nulls.")
     strategy: Literal["mean", "constant"] = Field(default="mean")
-    value: StrictFloat | StrictInt | StrictStr | None = Field(
-        default=None, description="The constant for `strategy: constant` (a finite number or text).", examples=[0]
+    value: StrictFloat | StrictInt | Annotated[StrictStr, Field(json_schema_extra=_NO_NUL)] | None = Field(
+        default=None,
+        description="The constant for `strategy: constant` (a finite number, or text without NUL characters).",
+        examples=[0],
     )
 
     @field_validator("value")
@@ -357,8 +471,6 @@ class DeriveRequest(BaseModel):
 
     name: Name
     steps: list[DeriveStep] = Field(min_length=1, max_length=100, description="Steps applied in order.")
-
-    _check_name = field_validator("name")(_no_control_chars)
 
 
 class DatasetTaskProgress(BaseModel):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
@@ -11,6 +12,11 @@ from schemas.jobs import BackendName, ResourceName
 from service.statuses import EndpointStatus
 
 SORT_FIELDS = ("key", "cluster", "distance")
+_SORT_FIELD = rf" *-?(?:{'|'.join(SORT_FIELDS)}) *"
+#: ``sort``: comma-separated fields, each optionally prefixed by ``-`` (descending); spaces around a
+#: field are allowed. Published as the schema's ``pattern`` and checked with it.
+SORT_PATTERN = rf"^{_SORT_FIELD}(?:,{_SORT_FIELD})*$"
+_SORT = re.compile(SORT_PATTERN)
 
 
 class EndpointCreate(BaseModel):
@@ -87,7 +93,15 @@ class PredictionRequest(BaseModel):
                     "raw": True,
                 },
                 {"dataset_id": "ds-6f1c0e9b2a4d4f3e8b1a", "sort": "cluster,distance"},
-            ]
+            ],
+            # Exactly one of `rows` and `dataset_id` (400 otherwise, naming both).
+            "oneOf": [
+                {"required": ["rows"], "properties": {"rows": {"type": "array"}, "dataset_id": {"type": "null"}}},
+                {
+                    "required": ["dataset_id"],
+                    "properties": {"dataset_id": {"type": "string"}, "rows": {"type": "null"}},
+                },
+            ],
         }
     )
 
@@ -107,7 +121,7 @@ class PredictionRequest(BaseModel):
         "(rows x k) per request (413 above); streamed (JSON Lines, CSV): the same bound applies to each batch of "
         "rows, so a dataset of any size can be streamed with every distance.",
     )
-    sort: str | None = Field(
+    sort: Annotated[str, Field(json_schema_extra={"pattern": SORT_PATTERN})] | None = Field(
         default=None,
         description="Comma-separated order: `key`, `cluster`, `distance`, each optionally prefixed by `-` "
         "(descending). `cluster,distance` is the workshop's ordering. Default: input order. Streamed (JSON Lines, "
@@ -119,12 +133,8 @@ class PredictionRequest(BaseModel):
     @field_validator("sort")
     @classmethod
     def _known_fields(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        fields = [part.strip().lstrip("-") for part in value.split(",")]
-        unknown = [f for f in fields if f not in SORT_FIELDS]
-        if unknown or not fields:
-            raise ValueError(f"sort fields must be among {list(SORT_FIELDS)}")
+        if value is not None and _SORT.fullmatch(value) is None:
+            raise ValueError(f"sort fields must be among {list(SORT_FIELDS)}, each optionally prefixed by '-'")
         return value
 
 

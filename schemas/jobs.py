@@ -175,6 +175,8 @@ CheckpointUri = Annotated[
     _formatted(CHECKPOINT_URI_PATTERN, "an S3 URI, s3://<bucket>/<prefix> (SageMaker also takes https://)"),
 ]
 InputMode = Literal["File", "Pipe", "FastFile"]
+#: Job options the `local` backend refuses (``service.jobs.service.LOCAL_REFUSED_OPTIONS`` says why).
+LOCAL_BACKEND_REFUSED = ("vpc_config", "volume_kms_key_id", "output_kms_key_id")
 
 
 class VpcConfig(BaseModel):
@@ -240,7 +242,13 @@ class ResourceConfig(BaseModel):
                         "subnets": ["subnet-0123456789abcdef0"],
                     },
                 },
-            ]
+            ],
+            # `max_wait_seconds` is for managed spot training only (400 otherwise).
+            "if": {
+                "required": ["enable_managed_spot_training"],
+                "properties": {"enable_managed_spot_training": {"const": True}},
+            },
+            "else": {"properties": {"max_wait_seconds": {"type": "null"}}},
         },
     )
 
@@ -318,6 +326,7 @@ class ResourceConfig(BaseModel):
         "first) or `Pipe` (streamed from S3; SageMaker's KMeans reads CSV, which Centroid writes, and "
         "recordIO-protobuf in both modes). `FastFile` is refused: KMeans supports File and Pipe only.",
         examples=["Pipe"],
+        json_schema_extra={"not": {"const": "FastFile"}},
     )
 
 
@@ -331,7 +340,15 @@ class TrainingJobCreate(BaseModel):
                     "hyperparameters": {"k": 10, "init_method": "kmeans++", "seed": 1},
                     "backend": "local",
                 }
-            ]
+            ],
+            # The `local` backend refuses the options it cannot honour (400 naming them): network placement
+            # and encryption with the caller's KMS keys are for `backend: sagemaker` only.
+            "if": {"required": ["backend"], "properties": {"backend": {"const": "sagemaker"}}},
+            "else": {
+                "properties": {
+                    "resource_config": {"properties": {option: {"type": "null"} for option in LOCAL_BACKEND_REFUSED}}
+                }
+            },
         }
     )
 

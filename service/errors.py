@@ -57,6 +57,15 @@ class Conflict(AppError):
     code = "conflict"
 
 
+class NotConfigured(Conflict):
+    """The request needs a backend (SageMaker) or a service (S3) this server has no settings for: a
+    conflict with the server's state, not a fault in the request (400) nor an outage (503: retrying
+    does not help until an operator configures it). 409 with code ``not_configured``; the message
+    names the missing settings. Documented on the operations that can meet it."""
+
+    code = "not_configured"
+
+
 class PayloadTooLarge(AppError):
     status_code = 413
     code = "payload_too_large"

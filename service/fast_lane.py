@@ -29,12 +29,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.deps import AppState
-from service.endpoints.invocations import JSON, media_type, request_format, response_format
+from service.endpoints.invocations import JSON, request_format, response_format
 from service.endpoints.router import INLINE_BODY_BYTES, parse_prediction_request
 from service.errors import UnsupportedMediaType
 from service.health import ALIVE_BODY
 from service.http_cache import etag_matches, if_none_match, not_modified
 from service.http_errors import handle_error
+from service.media_types import media_type
 from service.models.router import assignments_query
 
 _HEALTHZ = "/healthz"

@@ -36,11 +36,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.routing import compile_path
 
 from service.engine.errors import EngineInputError
 from service.error_body import error_body
@@ -181,6 +183,11 @@ def _error_response(request: Request, exc: Exception, request_id: str | None, ou
     elif _overflow(exc) is not None:
         log.warning("number out of range in %s %s (400): %s at %s", method, path, exc, _where(exc))
     headers = dict(getattr(exc, "headers", None) or {})
+    if error.status_code == 405:
+        allow = allowed_methods(request)
+        if allow:  # replaces Starlette's, which names only the first matching route's methods
+            headers = {key: value for key, value in headers.items() if key.lower() != "allow"}
+            headers["allow"] = ", ".join(allow)
     if request_id and outside:
         headers["x-request-id"] = request_id
     if error.status_code == 503:
@@ -192,6 +199,28 @@ def _error_response(request: Request, exc: Exception, request_id: str | None, ou
         content=error_body(error.code, error.message, error.details, request_id),
         headers=headers,
     )
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods served at the request's path, for the ``Allow`` header of a 405 (RFC 9110).
+
+    Starlette answers a method mismatch with the methods of the *first* route whose path matches,
+    and each method of a path is a route of its own here, so that list would be incomplete: this
+    one unites every route of the path. Where a concrete path and a templated one both match
+    (``/datasets/s3`` and ``/datasets/{dataset_id}``), the concrete one is the path, as OpenAPI
+    matches URLs."""
+    path = request.scope.get("path", "")
+    root_path = request.scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    by_template: dict[str, set[str]] = {}
+    for route in iter_route_contexts(request.app.routes):
+        if route.path and route.methods and compile_path(route.path)[0].match(path):
+            by_template.setdefault(route.path, set()).update(route.methods)
+    if not by_template:
+        return []
+    fewest = min(template.count("{") for template in by_template)
+    return sorted({m for t, methods in by_template.items() if t.count("{") == fewest for m in methods})
 
 
 def sagemaker_error(path: str, error: AppError) -> tuple[int, str, dict[str, Any]]:

@@ -36,6 +36,7 @@ from service.error_body import error_body
 from service.errors import Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from service.http_errors import AWS_CLIENT, CLIENT_CLOSED_REQUEST, REQUEST_TIMEOUT, aws_error_response
 from service.logging_setup import AccessLog
+from service.media_types import media_type
 from service.metrics import Metrics
 from service.request_context import CLIENT_TIMED_OUT, reset_request_id, set_request_id
 
@@ -295,12 +296,11 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-_CSV_UPLOAD_TYPES = (b"multipart/form-data", b"text/csv")
+_CSV_UPLOAD_TYPES = ("multipart/form-data", "text/csv")
 
 
 def _is_csv_upload(scope: Scope, content_type: bytes) -> bool:
     """A CSV upload to ``POST /datasets``, which streams to disk and has its own size limit."""
     if scope["method"] != "POST" or scope["path"].rstrip("/") != "/datasets":
         return False
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media in _CSV_UPLOAD_TYPES
+    return media_type(content_type) in _CSV_UPLOAD_TYPES

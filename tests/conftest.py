@@ -18,9 +18,35 @@ from sqlalchemy.engine import make_url
 
 from service.main import create_app
 from service.settings import Settings
+from tests.ci_rules import pytest_sessionfinish, pytest_terminal_summary  # noqa: F401  (CI: a skip fails)
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "service" / "sample_data"
 PG_ADMIN_URL = os.environ.get("CENTROID_TEST_DATABASE_URL")
+
+
+# Whole directories and modules of long tests (real servers, subprocesses, fault injection, load,
+# fuzzing, memory measurements): every test in them is `slow`. Single long tests elsewhere carry
+# @pytest.mark.slow. `make test-fast` runs the rest (`-m "not slow"`); `make test` runs everything.
+SLOW_PATHS = (
+    "tests/reliability/",
+    "tests/sagemaker/",
+    "tests/e2e/",
+    "tests/deploy/test_serve_workers.py",
+    "tests/deploy/test_team_topology.py",
+    "tests/workers/test_many_workers.py",
+    "tests/engine/test_memory.py",
+    "tests/test_readme.py",
+    "tests/test_app_lifecycle.py",
+    "tests/test_ci_rules.py",
+    "tests/api/test_boto3_clients.py",
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.relative_to(ROOT).as_posix().startswith(SLOW_PATHS):
+            item.add_marker(pytest.mark.slow)
 
 
 def _database_backends() -> list[str]:

@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from service.sample_data import WORKSHOP_FEATURES
+
 
 def upload_csv(
     client: TestClient, name: str, data: bytes, key_column: str | None = None, expect: int = 201, **fields: str
@@ -35,9 +37,6 @@ def assert_error(response: Any, status: int, code: str, fragment: str = "") -> d
     assert body["error"]["code"] == code, body
     assert fragment.lower() in body["error"]["message"].lower(), body
     return body["error"]  # type: ignore[no-any-return]
-
-
-WORKSHOP_FEATURES = ["Murder", "Assault", "UrbanPop", "Rape", "DensityPerMile"]
 
 
 def workshop_dataset(client: TestClient, crimes: bytes, densities: bytes) -> dict[str, Any]:

@@ -54,7 +54,7 @@ class LocalBackend:
     def advance_training(self, spec: TrainingSpec, hooks: TrainingHooks) -> TrainingUpdate:
         """Run the whole training now; the worker heartbeats and watches for a stop meanwhile."""
         started = time.monotonic()
-        estimator = WebScaleKMeans(spec.hyperparameters)
+        estimator = WebScaleKMeans.from_hyperparameters(spec.hyperparameters)
         try:
             train = spec.train.batch_source()
             test = spec.test.batch_source() if spec.test else None

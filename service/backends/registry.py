@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from service.backends.base import Backend, BackendNotConfigured
-from service.errors import InvalidInput
+from service.errors import InvalidInput, NotConfigured
 
 
 class BackendRegistry:
@@ -30,5 +30,5 @@ class BackendRegistry:
         try:
             backend.ensure_configured()
         except BackendNotConfigured as exc:
-            raise InvalidInput(f"backend {name!r} is not configured: {exc}", details={"backend": name}) from exc
+            raise NotConfigured(f"backend {name!r} is not configured: {exc}", details={"backend": name}) from exc
         return backend

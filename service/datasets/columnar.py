@@ -214,7 +214,7 @@ class _PositionalJoin:
 
     left: _Table
     right: _Table
-    on: str
+    on: str  # the left side's join column (the result's column ``key``)
     key: _Column
     extra: tuple[_Column, ...]
     inner: bool
@@ -348,6 +348,7 @@ class _Engine:
             widest = max(size + 9 * join.right_rows for size in sizes.values())
             if join_memory(len(join.positions), join.right_rows, widest) > self.memory_bytes:
                 return False
+        right_dtypes = {c.ref: c.dtype for c in join.right.columns}  # extra's names may carry a suffix
         expressions = ["__row"]
         for column in join.left.columns:
             if column.name == join.on:
@@ -361,7 +362,7 @@ class _Engine:
                 join.right.select([c.ref], ordered=True),
                 join.right_rows,
                 sizes.get(c.ref),
-                to_float=c.dtype == "float64" and join.right.column(c.name).dtype == "int64",
+                to_float=c.dtype == "float64" and right_dtypes[c.ref] == "int64",
             )
             for c in join.extra
             if c.ref in kept
@@ -496,16 +497,18 @@ def _live_refs(table: _Table, later: Sequence[DeriveStep], inputs: Mapping[str, 
     try:
         for step in later:
             if isinstance(step, JoinStep):
-                on = step.on or key
                 source = inputs.get(step.dataset_id)
-                if on is None or source is None:
+                if source is None:
                     raise _Unfollowable(step.dataset_id)
-                read([on])
                 right = [column["name"] for column in source.columns]
-                if on not in right or (set(names) & set(right)) - {on}:
-                    raise _Unfollowable(on)
-                names.update({name: None for name in right if name != on})
-                key = key or on
+                try:
+                    join = FittedJoin.resolve(step, key, list(names), source.key_column, right)
+                except InvalidInput:
+                    raise _Unfollowable(step.dataset_id) from None
+                read([join.left_on])
+                names = {join.left_name(name): ref for name, ref in names.items()}
+                names.update({join.right_name(name): None for name in right if name != join.right_on})
+                key = join.key_column(key)
             elif isinstance(step, ScaleStep):
                 read(step.columns)
             elif isinstance(step, FillNaStep):
@@ -607,37 +610,29 @@ def _join(
     engine: _Engine, left: _Table, step: JoinStep, inputs: Mapping[str, ParquetInput]
 ) -> tuple[_Table, FittedStep]:
     """Inner or left join, 1:1 (duplicates refused), keeping the left side's row order."""
-    on = step.on or left.key_column
-    if on is None:
-        raise InvalidInput("join needs `on` because this dataset has no key column")
-    right = engine.scan(inputs[step.dataset_id])
-    for side, table in (("this dataset", left), (f"dataset {step.dataset_id}", right)):
-        if on not in table.names:
-            raise InvalidInput(f"join column {on!r} is missing from {side}", details={"on": on})
-        known_unique = on == table.key_column and table.key_unique
-        duplicated = [] if known_unique else _duplicates(engine, table, table.column(on))
+    source = inputs[step.dataset_id]
+    right = engine.scan(source)
+    record = FittedJoin.resolve(step, left.key_column, left.names, source.key_column, right.names)
+    left_on, right_on = record.left_on, record.right_on
+    for name, table, side in ((left_on, left, "this dataset"), (right_on, right, f"dataset {step.dataset_id}")):
+        known_unique = name == table.key_column and table.key_unique
+        duplicated = [] if known_unique else _duplicates(engine, table, table.column(name))
         if duplicated:
             raise InvalidInput(
-                f"join column {on!r} has duplicate values in {side}: {', '.join(duplicated[:10])}",
-                details={"on": on, "duplicates": duplicated},
+                f"join column {name!r} has duplicate values in {side}: {', '.join(duplicated[:10])}",
+                details={"on": name, "duplicates": duplicated},
             )
-    shared = sorted((set(left.names) & set(right.names)) - {on})
-    if shared:
-        raise InvalidInput(
-            f"both datasets have column(s) {', '.join(map(repr, shared))}; rename or drop them first",
-            details={"columns": shared},
-        )
-    key = _Column(on, "string", engine.new_ref())
+    key = _Column(left_on, "string", engine.new_ref())
 
     def sides(how: str) -> str:
         return (
-            f"(SELECT *, {left.column(on).as_text} AS __key FROM ({left.sql}) AS t) AS l"
-            f" {how} JOIN (SELECT *, {right.column(on).as_text} AS __key FROM ({right.sql}) AS t) AS r"
+            f"(SELECT *, {left.column(left_on).as_text} AS __key FROM ({left.sql}) AS t) AS l"
+            f" {how} JOIN (SELECT *, {right.column(right_on).as_text} AS __key FROM ({right.sql}) AS t) AS r"
             " ON l.__key IS NOT DISTINCT FROM r.__key"  # pandas matches a missing value with a missing one
         )
 
-    extra = [column for column in right.columns if column.name != on]
-    matched = _match_by_positions(engine, left, right, on)
+    extra = [column for column in right.columns if column.name != right_on]
+    matched = _match_by_positions(engine, left, right, left_on, right_on)
     # pandas gives the other side's int64 columns NaN, so float64, when a left row finds no match.
     widen = (
         step.how == "left"
@@ -651,11 +646,13 @@ def _join(
     expressions = ["l.__row AS __row"]
     columns = []
     for column in left.columns:
-        if column.name == on:
+        if column.name == left_on:
             column = key
             expressions.append(f"l.__key AS {key.ref}")
-        elif column.stored:
-            expressions.append(f"l.{column.ref} AS {column.ref}")
+        else:
+            if column.stored:
+                expressions.append(f"l.{column.ref} AS {column.ref}")
+            column = replace(column, name=record.left_name(column.name))  # a suffix, maybe
         columns.append(column)
     for column in extra:
         if widen and column.dtype == "int64":
@@ -663,9 +660,8 @@ def _join(
             column = replace(column, dtype="float64")
         else:
             expressions.append(f"r.{column.ref} AS {column.ref}")
-        columns.append(column)
+        columns.append(replace(column, name=record.right_name(column.name)))
     sql = f"SELECT {', '.join(expressions)} FROM {sides(step.how.upper())}"
-    record = FittedJoin.of(step, on)
     # Each left row is kept at most once: a unique left key stays unique. The join column as key
     # may hold a null (a single one passes the duplicate check): the final key check decides.
     key_unique = left.key_unique if left.key_column else False
@@ -675,7 +671,7 @@ def _join(
         positional = _PositionalJoin(
             left,
             right,
-            on,
+            left_on,
             key,
             tuple(column for column in columns if column.ref in joined),
             step.how == "inner",
@@ -685,7 +681,7 @@ def _join(
     table = _Table(
         sql,
         tuple(columns),
-        left.key_column or on,
+        record.key_column(left.key_column),
         ordered=False,
         key_unique=key_unique,
         joins=True,
@@ -700,11 +696,11 @@ class _Matched:
     right_rows: int
 
 
-def _match_by_positions(engine: _Engine, left: _Table, right: _Table, on: str) -> _Matched | None:
+def _match_by_positions(engine: _Engine, left: _Table, right: _Table, left_on: str, right_on: str) -> _Matched | None:
     """The join matched by :mod:`positional_join`, or None when DuckDB's hash join must do it: an
     empty side, a pair of the right side's values with one 64-bit hash, or more memory than the
     engine's limit (see ``join_memory``)."""
-    left_key, right_key = left.column(on), right.column(on)
+    left_key, right_key = left.column(left_on), right.column(right_on)
     (right_rows,) = engine.one(f"SELECT count(*) FROM ({right.sql}) AS t")  # Parquet metadata: free
     left_rows, last_row = engine.one(f"SELECT count(*), max(__row) FROM ({left.sql}) AS t")
     if not left_rows or not right_rows:

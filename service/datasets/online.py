@@ -188,8 +188,9 @@ def _programs(recipe: Recipe) -> Programs:
 
 
 def _compile_step(table: Programs, record: FittedStep, resolve: Callable[[str], Programs]) -> Programs:
-    if isinstance(record, FittedJoin):
-        right = resolve(record.dataset_id)
+    if isinstance(record, FittedJoin):  # as FittedJoin.replay: suffixes, the other join column dropped
+        table = {record.left_name(name): program for name, program in table.items()}
+        right = {record.right_name(name): program for name, program in resolve(record.dataset_id).items()}
         return {**table, **{name: program for name, program in right.items() if name not in table}}
     if isinstance(record, FittedScale):
         table = dict(table)

@@ -7,11 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
-from schemas.common import MAX_OFFSET, LimitQuery, OffsetQuery, Page, error_responses
+from schemas.common import MAX_OFFSET, NOT_CONFIGURED_RESPONSE, LimitQuery, OffsetQuery, Page, error_responses
 from schemas.datasets import (
+    NAME_SCHEMA,
     Dataset,
     DatasetCreate,
     DatasetDetail,
@@ -20,16 +21,18 @@ from schemas.datasets import (
     DatasetTask,
     DatasetTaskStatus,
     DeriveRequest,
+    Name,
     S3DatasetCreate,
-    no_control_chars,
 )
 from service.datasets.parsing import DELIMITERS
+from service.datasets.s3 import require_s3_settings
 from service.datasets.service import DatasetService, build_dataset_service
 from service.datasets.task_repository import DatasetTaskRepository
-from service.db.tables import DatasetTaskTable
+from service.db.tables import DatasetTable, DatasetTaskTable
 from service.deps import AppState, app_state, db_session
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.jobs.repository import JobRepository
+from service.media_types import media_type
 from service.models.repository import ModelRepository
 from service.request_bodies import parse_json, spool_body, spool_multipart, validate
 
@@ -42,13 +45,13 @@ class CSVResponse(StreamingResponse):
 
 
 class CsvUploadForm(BaseModel):
-    """The non-file fields of a CSV upload."""
+    """The non-file fields of a CSV upload (another field is a 422: the schema lists them all)."""
 
-    name: str = Field(min_length=1, max_length=200)
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
     key_column: str | None = Field(default=None, max_length=256)
     delimiter: str = Field(default=",")
-
-    _check_name = field_validator("name")(no_control_chars)
 
     @field_validator("key_column")
     @classmethod
@@ -63,6 +66,11 @@ class CsvUploadForm(BaseModel):
         return value
 
 
+CSV_FILE_DESCRIPTION = (
+    "UTF-8 CSV text with a header row of distinct, non-blank column names (no NUL bytes), every row as wide as "
+    "the header; `key_column`, when given, names one of its columns, with a distinct non-empty value in every "
+    "row. Content that breaks these rules is answered 400 `invalid_input` naming the row or column."
+)
 _CREATE_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -71,9 +79,10 @@ _CREATE_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["file", "name"],
+                    "additionalProperties": False,
                     "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "UTF-8 CSV with a header row."},
-                        "name": {"type": "string", "minLength": 1, "maxLength": 200, "example": "crimes"},
+                        "file": {"type": "string", "format": "binary", "description": CSV_FILE_DESCRIPTION},
+                        "name": {**NAME_SCHEMA, "example": "crimes"},
                         "key_column": {"type": "string", "maxLength": 256, "example": "State"},
                         "delimiter": {"type": "string", "enum": sorted(DELIMITERS), "default": ","},
                     },
@@ -81,7 +90,7 @@ _CREATE_BODY: dict[str, Any] = {
                 "encoding": {"file": {"contentType": "text/csv"}},
             },
             "text/csv": {
-                "schema": {"type": "string", "format": "binary", "description": "UTF-8 CSV with a header row."},
+                "schema": {"type": "string", "format": "binary", "description": CSV_FILE_DESCRIPTION},
                 "example": "State,Crime,Density\nAlabama,4.5,94.4\n",
             },
             "application/json": {"schema": DatasetCreate.model_json_schema()},
@@ -92,8 +101,8 @@ _CREATE_BODY: dict[str, Any] = {
             "name": "name",
             "in": "query",
             "required": False,
-            "description": "With a `text/csv` body only (required then): the dataset's name.",
-            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+            "description": "With a `text/csv` body only (required then: 422 without it): the dataset's name.",
+            "schema": NAME_SCHEMA,
             "example": "crimes",
         },
         {
@@ -173,7 +182,7 @@ def dataset_service(session: Session = Depends(db_session), state: AppState = De
     )
 
 
-Service = Annotated[DatasetService, Depends(dataset_service)]
+DatasetServiceDep = Annotated[DatasetService, Depends(dataset_service)]
 
 
 @router.post(
@@ -184,7 +193,7 @@ Service = Annotated[DatasetService, Depends(dataset_service)]
     responses={**error_responses(400, 413, 415, 422, 503, 507), **_ASYNC_RESPONSE},
     openapi_extra=_CREATE_BODY,
 )
-async def create_dataset(request: Request, service: Service) -> Any:
+async def create_dataset(request: Request, service: DatasetServiceDep) -> Dataset | JSONResponse:
     """Upload a CSV file (multipart: `file`, `name`, optional `key_column`, `delimiter`; or the file
     itself as a `text/csv` body with `name`, `key_column`, `delimiter` in the query) or send
     `{name, key_column, columns, rows}` as JSON. Column types are inferred; numbers written with
@@ -198,7 +207,7 @@ async def create_dataset(request: Request, service: Service) -> Any:
     With `Prefer: respond-async` a CSV upload is answered 202 once the file is received and its
     bytes, header and key column checked; a worker parses it (`GET /dataset-tasks/{id}` shows the
     progress). A JSON body is always answered when the dataset is made."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request.headers.get("content-type"))
     if content_type == "multipart/form-data":
         return await _create_from_upload(request, service)
     if content_type == "text/csv":
@@ -206,7 +215,7 @@ async def create_dataset(request: Request, service: Service) -> Any:
         return await _create_from_upload(request, service, validate(CsvUploadForm, params, ("query",)))
     if content_type == "application/json":
         payload = validate(DatasetCreate, _json_document(await request.body()))
-        return await run_in_threadpool(service.create_from_rows, payload)
+        return dataset_view(await run_in_threadpool(service.create_from_rows, payload))
     raise UnsupportedMediaType(
         f"unsupported Content-Type {content_type or '(none)'!r}; send multipart/form-data, text/csv or application/json"
     )
@@ -217,9 +226,11 @@ async def create_dataset(request: Request, service: Service) -> Any:
     status_code=status.HTTP_201_CREATED,
     response_model=Dataset,
     summary="Register data that already lives in S3 as a dataset (nothing is copied)",
-    responses=error_responses(400, 422, 503),
+    responses={**error_responses(400, 422, 503), 409: NOT_CONFIGURED_RESPONSE},
 )
-def register_s3_dataset(request: S3DatasetCreate, service: Service) -> Any:
+def register_s3_dataset(
+    request: S3DatasetCreate, service: DatasetServiceDep, state: AppState = Depends(app_state)
+) -> Dataset:
     """List the CSV or Parquet objects under `uri` (`s3://bucket/prefix/`, at most 1000) and read the
     schema, row count and per-column summary from the data: Parquet footers; for CSV the header and
     the types pyarrow infers from the first MiB, then one streaming pass over every object (rows,
@@ -238,7 +249,8 @@ def register_s3_dataset(request: S3DatasetCreate, service: Service) -> Any:
     `no_objects` (only skipped objects), `access_denied`, `too_many`, `mixed_formats`,
     `unknown_format`, `compressed`, `schemas_differ`; a value CSV cannot hold (nan, inf) is a 400
     naming the object, row and column. S3 unreachable: 503."""
-    return service.create_from_s3(request)
+    require_s3_settings(state.settings)  # refused before any work, as a 409
+    return dataset_view(service.create_from_s3(request))
 
 
 def _json_document(body: bytes) -> Any:
@@ -251,7 +263,9 @@ def _json_document(body: bytes) -> Any:
         ) from exc
 
 
-async def _create_from_upload(request: Request, service: DatasetService, query: CsvUploadForm | None = None) -> Any:
+async def _create_from_upload(
+    request: Request, service: DatasetService, query: CsvUploadForm | None = None
+) -> Dataset | JSONResponse:
     """Stream the CSV (a multipart ``file`` part, or the whole ``text/csv`` body) to a temp file in
     the artifact directory, then parse it from there on a worker thread; the temp file is removed
     whatever happens."""
@@ -280,7 +294,7 @@ async def _create_from_upload(request: Request, service: DatasetService, query: 
                 delimiter=fields.delimiter,
             )
             return accepted(task)
-        return await run_in_threadpool(
+        row = await run_in_threadpool(
             service.create_from_csv,
             fields.name,
             spool.path,
@@ -289,6 +303,7 @@ async def _create_from_upload(request: Request, service: DatasetService, query: 
             filename=filename,
             delimiter=fields.delimiter,
         )
+        return dataset_view(row)
     finally:
         await run_in_threadpool(spool.discard)
 
@@ -297,11 +312,11 @@ async def _create_from_upload(request: Request, service: DatasetService, query: 
     "", response_model=Page[DatasetListItem], summary="List datasets, newest first", responses=error_responses(422)
 )
 def list_datasets(
-    service: Service,
+    service: DatasetServiceDep,
     offset: OffsetQuery = 0,
     limit: LimitQuery = 50,
     name: Annotated[str | None, Query(max_length=200, description="Only datasets with this name.")] = None,
-) -> Any:
+) -> Page[DatasetListItem]:
     """Items carry `recipe_summary` instead of the recipe (`GET /datasets/{id}` has it)."""
     rows, total = service.page(offset, limit, name)
     return Page[DatasetListItem](
@@ -318,7 +333,7 @@ def list_datasets(
     summary="A dataset's metadata and per-column summary",
     responses=error_responses(404, 422),
 )
-def get_dataset(dataset_id: str, service: Service) -> Any:
+def get_dataset(dataset_id: str, service: DatasetServiceDep) -> DatasetDetail:
     row = service.get(dataset_id)
     return DatasetDetail.model_validate(
         {**Dataset.model_validate(row, from_attributes=True).model_dump(), "summary": service.summary(row)}
@@ -333,10 +348,10 @@ def get_dataset(dataset_id: str, service: Service) -> Any:
 )
 def get_rows(
     dataset_id: str,
-    service: Service,
+    service: DatasetServiceDep,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="First row (0-based).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="Most rows to return.")] = 100,
-) -> Any:
+) -> DatasetRows:
     row = service.get(dataset_id)
     return DatasetRows(
         dataset_id=row.id,
@@ -356,7 +371,7 @@ def get_rows(
 )
 def download_csv(
     dataset_id: str,
-    service: Service,
+    service: DatasetServiceDep,
     spreadsheet_safe: Annotated[
         bool,
         Query(
@@ -386,9 +401,9 @@ def download_csv(
 def derive_dataset(
     dataset_id: str,
     request: DeriveRequest,
-    service: Service,
+    service: DatasetServiceDep,
     prefer: Annotated[str | None, Header(description=PREFER_DESCRIPTION)] = None,
-) -> Any:
+) -> Dataset | JSONResponse:
     """Apply `steps` in order to dataset `dataset_id`; the result is a new dataset whose recipe
     records every step with its fitted parameters.
 
@@ -397,7 +412,7 @@ def derive_dataset(
     becomes the task's `error`), and `GET /dataset-tasks/{id}` shows its stage and progress."""
     if wants_async(prefer):
         return accepted(service.submit_derive(dataset_id, request))
-    return service.derive(dataset_id, request)
+    return dataset_view(service.derive(dataset_id, request))
 
 
 @router.delete(
@@ -407,10 +422,14 @@ def derive_dataset(
     summary="Delete a dataset",
     responses=error_responses(404, 409, 422),
 )
-def delete_dataset(dataset_id: str, service: Service) -> Response:
+def delete_dataset(dataset_id: str, service: DatasetServiceDep) -> Response:
     """Refused with 409 while a training job or model still uses it."""
     service.delete(dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def dataset_view(row: DatasetTable) -> Dataset:
+    return Dataset.model_validate(row, from_attributes=True)
 
 
 def task_view(task: DatasetTaskTable) -> DatasetTask:
@@ -437,7 +456,7 @@ def task_repository(session: Session = Depends(db_session)) -> DatasetTaskReposi
     return DatasetTaskRepository(session)
 
 
-Tasks = Annotated[DatasetTaskRepository, Depends(task_repository)]
+DatasetTaskRepositoryDep = Annotated[DatasetTaskRepository, Depends(task_repository)]
 
 
 @tasks_router.get(
@@ -447,13 +466,13 @@ Tasks = Annotated[DatasetTaskRepository, Depends(task_repository)]
     responses=error_responses(422),
 )
 def list_tasks(
-    tasks: Tasks,
+    tasks: DatasetTaskRepositoryDep,
     offset: OffsetQuery = 0,
     limit: LimitQuery = 50,
     status_filter: Annotated[
         DatasetTaskStatus | None, Query(alias="status", description="Only tasks with this status.")
     ] = None,
-) -> Any:
+) -> Page[DatasetTask]:
     rows, total = tasks.page(offset, limit, status_filter)
     return Page[DatasetTask](items=[task_view(r) for r in rows], total=total, offset=offset, limit=limit)
 
@@ -464,7 +483,7 @@ def list_tasks(
     summary="A background upload or derive: status, progress, result",
     responses=error_responses(404, 422),
 )
-def get_task(task_id: str, tasks: Tasks) -> Any:
+def get_task(task_id: str, tasks: DatasetTaskRepositoryDep) -> DatasetTask:
     """Poll until `status` is `Completed` (then `dataset_id` names the new dataset) or `Failed`
     (`error` holds what the synchronous request would have answered)."""
     return task_view(tasks.get(task_id))

@@ -48,7 +48,7 @@ from service.datasets.ingest import SummaryBuilder
 from service.db.tables import DatasetTable
 from service.engine.errors import EngineInputError
 from service.engine.sources import CsvLayout, FilesBatchSource
-from service.errors import AppError, InvalidInput, ServiceUnavailable
+from service.errors import AppError, InvalidInput, NotConfigured, ServiceUnavailable
 from service.settings import Settings
 from service.storage import LocalArtifactStore
 
@@ -96,17 +96,22 @@ class S3Prefix:
         return f"{self.bucket}/{self.prefix}".rstrip("/")
 
 
-def s3_filesystem(settings: Settings) -> pa_fs.S3FileSystem:
-    """pyarrow's S3 filesystem with the SageMaker backend's region, endpoint and attempts.
-
-    400 when no region is configured: without one nothing says which AWS (or emulator) to ask,
-    and a request must never wander off to the internet by default."""
+def require_s3_settings(settings: Settings) -> None:
+    """409 ``not_configured`` unless the settings say which AWS (or S3-compatible service) to ask."""
     if not settings.aws_region:
-        raise InvalidInput(
+        raise NotConfigured(
             "datasets in S3 are not configured on this server: set CENTROID_AWS_REGION (and, for an S3-compatible "
             "service or an emulator, CENTROID_AWS_ENDPOINT_URL); credentials come from the AWS standard chain",
             details={"missing": ["CENTROID_AWS_REGION"]},
         )
+
+
+def s3_filesystem(settings: Settings) -> pa_fs.S3FileSystem:
+    """pyarrow's S3 filesystem with the SageMaker backend's region, endpoint and attempts.
+
+    409 ``not_configured`` when no region is configured: without one nothing says which AWS (or
+    emulator) to ask, and a request must never wander off to the internet by default."""
+    require_s3_settings(settings)
     options: dict[str, Any] = {}
     if settings.aws_endpoint_url:
         parts = urlsplit(settings.aws_endpoint_url)

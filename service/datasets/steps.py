@@ -1,10 +1,11 @@
 """Derive steps, one class each: the fitted parameters (a pydantic model) and what the step does.
 
 A derive request names its steps (``schemas.datasets.DeriveStep``); applying one *fits* it on the
-dataset (a scaler's min/max, a fill value, a join's resolved ``on``) into its fitted form, which the
-derived dataset's recipe stores as JSON and every later use reads back:
+dataset (a scaler's min/max, a fill value, a join's resolved join columns) into its fitted form,
+which the derived dataset's recipe stores as JSON and every later use reads back:
 
-* :meth:`FittedStepBase.fit` — the request step fitted on a table (pandas);
+* :meth:`FittedStepBase.fit` — the request step fitted on a table (pandas; a join also reads the
+  other side's key column and column names);
 * :meth:`FittedStepBase.apply` — the fitted step applied to a dataset's table (what a derive does);
 * :meth:`FittedStepBase.replay` — the same on raw rows that arrive later (a prediction request):
   rows are never dropped or joined, columns the rows do not carry are passed over;
@@ -19,7 +20,9 @@ DuckDB twin in :mod:`service.datasets.columnar` and the per-column compiler in
 :class:`~service.errors.InvalidInput` naming it, never skipped.
 
 Each model dumps (``model_dump(mode="json")``) to exactly the JSON the recipes have always stored,
-key order and ``1`` versus ``1.0`` included (``tests/datasets/test_steps.py`` checks it).
+key order and ``1`` versus ``1.0`` included (``tests/datasets/test_steps.py`` checks it); a join
+that only the newer fields can describe (``left_on`` other than ``right_on``, ``suffixes``) stores
+its newer form (see :class:`FittedJoin`).
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictFloat,
     StrictInt,
     StrictStr,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -191,8 +196,9 @@ class FittedStepBase(_Stored):
 
     @classmethod
     @abstractmethod
-    def fit(cls, table: Table, step: Any) -> Self:
-        """The request ``step`` fitted on ``table`` (which it does not change)."""
+    def fit(cls, table: Table, step: Any, load: TableLoader) -> Self:
+        """The request ``step`` fitted on ``table`` (which it does not change); ``load`` gives a joined
+        dataset's table (a join resolves its join columns against both sides)."""
 
     @abstractmethod
     def apply(self, table: Table, load: TableLoader) -> Table:
@@ -208,55 +214,170 @@ class FittedStepBase(_Stored):
 
 
 class FittedJoin(FittedStepBase):
-    """``join``: the other dataset by reference (its id) and the join column, resolved."""
+    """``join``: the other dataset by reference (its id), the join columns, resolved, and the suffixes.
+
+    Stored as ``{"op", "dataset_id", "how", "on"}`` when both join columns have one name and no
+    ``suffixes`` were asked for (the form recipes have always stored, and still read); otherwise as
+    ``{"op", "dataset_id", "how", "left_on", "right_on", "suffixes", "suffixed"}``, where
+    ``suffixed`` lists the columns both sides had (besides the join columns), which took the
+    suffixes: a replay renames exactly these, whatever columns the raw rows carry.
+    """
 
     op: Literal["join"] = "join"
     dataset_id: str
     how: Literal["inner", "left"]
-    on: str
+    left_on: str
+    right_on: str
+    suffixes: tuple[str, str] | None = None
+    suffixed: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_on(cls, data: Any) -> Any:
+        """The form stored by every version: ``on`` names both join columns."""
+        if isinstance(data, Mapping) and "on" in data:
+            if "left_on" in data or "right_on" in data:
+                raise ValueError("a join names `on`, or `left_on` and `right_on`, not both")
+            rest = {key: value for key, value in data.items() if key != "on"}
+            return {**rest, "left_on": data["on"], "right_on": data["on"]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.suffixes is None and self.suffixed:
+            raise ValueError("suffixed columns need suffixes")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _stored_form(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        if self.left_on == self.right_on and self.suffixes is None:
+            return {"op": self.op, "dataset_id": self.dataset_id, "how": self.how, "on": self.left_on}
+        stored: dict[str, Any] = handler(self)
+        return stored
 
     @classmethod
-    def of(cls, step: JoinStep, on: str) -> Self:
-        return cls(dataset_id=step.dataset_id, how=step.how, on=on)
+    def resolve(
+        cls,
+        step: JoinStep,
+        left_key: str | None,
+        left_columns: Sequence[str],
+        right_key: str | None,
+        right_columns: Sequence[str],
+    ) -> Self:
+        """The request resolved against both sides' key column and column names, or InvalidInput.
 
-    @classmethod
-    def fit(cls, table: Table, step: JoinStep) -> Self:
-        on = step.on or table.key_column
-        if on is None:
-            raise InvalidInput("join needs `on` because this dataset has no key column")
-        return cls.of(step, on)
-
-    def apply(self, table: Table, load: TableLoader) -> Table:
-        left, on = table, self.on
-        right = load(self.dataset_id)
-        for side, each in (("this dataset", left), (f"dataset {self.dataset_id}", right)):
-            if on not in each.frame.columns:
-                raise InvalidInput(f"join column {on!r} is missing from {side}", details={"on": on})
-            duplicated = each.frame[on][each.frame[on].duplicated()].unique().tolist()
-            if duplicated:
-                raise InvalidInput(
-                    f"join column {on!r} has duplicate values in {side}: {', '.join(map(str, duplicated[:10]))}",
-                    details={"on": on, "duplicates": [str(v) for v in duplicated[:100]]},
-                )
-        shared = sorted((set(left.frame.columns) & set(right.frame.columns)) - {on})
-        if shared:
+        Checks everything names decide (both implementations call it, so they refuse alike):
+        which fields are given, the join columns' presence, and the names both sides have."""
+        given = [name for name in ("on", "left_on", "right_on") if getattr(step, name) is not None]
+        if step.on is not None and len(given) > 1:
             raise InvalidInput(
-                f"both datasets have column(s) {', '.join(map(repr, shared))}; rename or drop them first",
+                "join takes `on` (one name on both sides) or `left_on` and `right_on`, not both",
+                details={"fields": given},
+            )
+        left_on = step.on if step.on is not None else step.left_on if step.left_on is not None else left_key
+        if left_on is None:
+            wanted = "`left_on`" if step.right_on is not None else "`on` (or `left_on` and `right_on`)"
+            raise InvalidInput(f"join needs {wanted} because this dataset has no key column")
+        right_on = step.on if step.on is not None else step.right_on if step.right_on is not None else right_key
+        other = f"dataset {step.dataset_id}"
+        if right_on is None:  # the other side has no key column: its column of the same name, as always
+            if left_on not in right_columns:
+                raise InvalidInput(
+                    f"join column {left_on!r} is missing from {other}, which has no key column either: pass "
+                    "`right_on` to name its join column",
+                    details={"on": left_on},
+                )
+            right_on = left_on
+        for name, columns, side in ((left_on, left_columns, "this dataset"), (right_on, right_columns, other)):
+            if name not in columns:
+                raise InvalidInput(f"join column {name!r} is missing from {side}", details={"on": name})
+        # The other side's join column is not carried over; this side's keeps its name.
+        shared = sorted(set(left_columns) & {name for name in right_columns if name != right_on})
+        if shared and step.suffixes is None:
+            raise InvalidInput(
+                f"both datasets have column(s) {', '.join(map(repr, shared))}; pass `suffixes` (e.g. "
+                '["_x", "_y"]) to keep both, or rename or drop them first',
                 details={"columns": shared},
             )
-        merged = left.frame.assign(**{on: left.frame[on].astype("string")}).merge(
-            right.frame.assign(**{on: right.frame[on].astype("string")}), on=on, how=self.how, sort=False
+        fitted = cls(
+            dataset_id=step.dataset_id,
+            how=step.how,
+            left_on=left_on,
+            right_on=right_on,
+            suffixes=step.suffixes,
+            suffixed=tuple(shared),
         )
-        return Table(merged.reset_index(drop=True), left.key_column or on)
+        if shared:
+            left_result = [fitted.left_name(name) for name in left_columns]
+            right_result = [fitted.right_name(name) for name in right_columns if name != right_on]
+            result = [*left_result, *right_result]
+            twice = sorted({name for name in result if result.count(name) > 1})
+            if twice:
+                left_suffix, right_suffix = fitted.suffixes or ("", "")
+                raise InvalidInput(
+                    f"join: the suffixes {left_suffix!r} and {right_suffix!r} leave column(s) "
+                    f"{', '.join(map(repr, twice))} twice; choose suffixes that keep every name unique",
+                    details={"columns": twice, "suffixes": [left_suffix, right_suffix]},
+                )
+            check_column_names(result)
+        return fitted
+
+    def left_name(self, name: str) -> str:
+        """A column of this side as the result names it (only a suffixed name changes)."""
+        if self.suffixes is None or name == self.left_on or name not in self.suffixed:
+            return name
+        return name + self.suffixes[0]
+
+    def right_name(self, name: str) -> str:
+        """A column of the other side as the result names it; its join column stands for this side's."""
+        if name == self.right_on:
+            return self.left_on
+        if self.suffixes is None or name not in self.suffixed:
+            return name
+        return name + self.suffixes[1]
+
+    def key_column(self, left_key: str | None) -> str:
+        """The result's key column: this side's (as renamed), else the join column."""
+        return self.left_name(left_key) if left_key is not None else self.left_on
+
+    @classmethod
+    def fit(cls, table: Table, step: JoinStep, load: TableLoader) -> Self:
+        right = load(step.dataset_id)
+        return cls.resolve(
+            step, table.key_column, list(table.frame.columns), right.key_column, list(right.frame.columns)
+        )
+
+    def apply(self, table: Table, load: TableLoader) -> Table:
+        left, right = table, load(self.dataset_id)
+        for name, each, side in (
+            (self.left_on, left, "this dataset"),
+            (self.right_on, right, f"dataset {self.dataset_id}"),
+        ):
+            duplicated = each.frame[name][each.frame[name].duplicated()].unique().tolist()
+            if duplicated:
+                raise InvalidInput(
+                    f"join column {name!r} has duplicate values in {side}: {', '.join(map(str, duplicated[:10]))}",
+                    details={"on": name, "duplicates": [str(v) for v in duplicated[:100]]},
+                )
+        on = self.left_on
+        left_frame = left.frame.rename(columns=self.left_name)
+        right_frame = right.frame.rename(columns=self.right_name)
+        merged = left_frame.assign(**{on: left_frame[on].astype("string")}).merge(
+            right_frame.assign(**{on: right_frame[on].astype("string")}), on=on, how=self.how, sort=False
+        )
+        return Table(merged.reset_index(drop=True), self.key_column(left.key_column))
 
     def replay(self, table: Table, resolve: Frames) -> Table:
-        """The other side replayed on the same raw rows; its columns are added alongside."""
-        right = resolve(self.dataset_id)
-        extra = [c for c in right.columns if c not in table.frame.columns]
-        return Table(pd.concat([table.frame, right[extra]], axis=1), None)
+        """The other side replayed on the same raw rows; its columns are added alongside (suffixed as
+        in the dataset; its join column only when the rows lack this side's)."""
+        left = table.frame.rename(columns=self.left_name)
+        right = resolve(self.dataset_id).rename(columns=self.right_name)
+        extra = [c for c in right.columns if c not in left.columns]
+        return Table(pd.concat([left, right[extra]], axis=1), None)
 
     def lineage(self, columns: dict[str, Lineage], resolve: Lineages) -> dict[str, Lineage]:
-        return {**resolve(self.dataset_id), **columns}
+        right = {self.right_name(name): value for name, value in resolve(self.dataset_id).items()}
+        return {**right, **{self.left_name(name): value for name, value in columns.items()}}
 
 
 class FittedScale(FittedStepBase):
@@ -283,7 +404,7 @@ class FittedScale(FittedStepBase):
         )
 
     @classmethod
-    def fit(cls, table: Table, step: ScaleStep) -> Self:
+    def fit(cls, table: Table, step: ScaleStep, load: TableLoader) -> Self:
         require_numeric(table, step.columns, "scale")
         params: dict[str, ColumnScale] = {}
         for name in step.columns:
@@ -329,7 +450,7 @@ class FittedSelect(FittedStepBase):
         return cls(columns=list(dict.fromkeys(step.columns)))
 
     @classmethod
-    def fit(cls, table: Table, step: SelectStep) -> Self:
+    def fit(cls, table: Table, step: SelectStep, load: TableLoader) -> Self:
         return cls.of(step)
 
     def apply(self, table: Table, load: TableLoader) -> Table:
@@ -358,7 +479,7 @@ class FittedDrop(FittedStepBase):
         return cls(columns=list(dict.fromkeys(step.columns)))
 
     @classmethod
-    def fit(cls, table: Table, step: DropStep) -> Self:
+    def fit(cls, table: Table, step: DropStep, load: TableLoader) -> Self:
         return cls.of(step)
 
     def apply(self, table: Table, load: TableLoader) -> Table:
@@ -385,7 +506,7 @@ class FittedRename(FittedStepBase):
         return cls(mapping=dict(step.mapping))
 
     @classmethod
-    def fit(cls, table: Table, step: RenameStep) -> Self:
+    def fit(cls, table: Table, step: RenameStep, load: TableLoader) -> Self:
         return cls.of(step)
 
     def apply(self, table: Table, load: TableLoader) -> Table:
@@ -417,7 +538,7 @@ class FittedDropNa(FittedStepBase):
         return cls(columns=step.columns)
 
     @classmethod
-    def fit(cls, table: Table, step: DropNaStep) -> Self:
+    def fit(cls, table: Table, step: DropNaStep, load: TableLoader) -> Self:
         return cls.of(step)
 
     def apply(self, table: Table, load: TableLoader) -> Table:
@@ -439,7 +560,7 @@ class FittedFillNa(FittedStepBase):
     values: dict[str, FillValue]
 
     @classmethod
-    def fit(cls, table: Table, step: FillNaStep) -> Self:
+    def fit(cls, table: Table, step: FillNaStep, load: TableLoader) -> Self:
         columns = step.columns or [
             c for c in table.frame.columns if c != table.key_column and table.frame[c].isna().any()
         ]
@@ -501,9 +622,10 @@ STEP_CLASSES: Mapping[str, type[FittedStepBase]] = MappingProxyType(
 _FITTED_STEP: TypeAdapter[FittedStep] = TypeAdapter(FittedStep)
 
 
-def fit_step(table: Table, step: DeriveStep) -> FittedStep:
-    """A derive request's step fitted on ``table``, by the class its ``op`` names."""
-    fitted = STEP_CLASSES[step.op].fit(table, step)
+def fit_step(table: Table, step: DeriveStep, load: TableLoader) -> FittedStep:
+    """A derive request's step fitted on ``table``, by the class its ``op`` names (``load`` gives a
+    joined dataset's table)."""
+    fitted = STEP_CLASSES[step.op].fit(table, step, load)
     return _FITTED_STEP.validate_python(fitted)  # the instance itself, typed as the union
 
 

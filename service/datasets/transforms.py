@@ -56,7 +56,7 @@ def apply_steps(table: Table, steps: Sequence[DeriveStep], load: TableLoader) ->
     fitted: list[FittedStep] = []
     for index, step in enumerate(steps):
         try:
-            record = fit_step(table, step)
+            record = fit_step(table, step, load)
             table = record.apply(table, load)
         except InvalidInput as exc:
             exc.message = f"step {index} ({step.op}): {exc.message}"

@@ -31,6 +31,7 @@ from service.endpoints import recordio
 from service.endpoints.recordio import RECORDIO
 from service.engine import Prediction
 from service.errors import InvalidInput, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from service.media_types import media_type
 
 JSON = "application/json"
 JSONLINES = "application/jsonlines"
@@ -44,10 +45,6 @@ REQUEST_TYPES = {
 }
 RESPONSE_TYPES = (JSON, JSONLINES, CSV, RECORDIO)
 _SMALL_CSV_BYTES = 4096  # below this a CSV body is split in Python; above, pyarrow's reader is faster
-
-
-def media_type(header: str | None) -> str:
-    return (header or "").split(";")[0].strip().lower()
 
 
 def request_format(content_type: str | None) -> str:

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
+from schemas.common import NOT_CONFIGURED_RESPONSE, LimitQuery, OffsetQuery, Page, error_responses
 from schemas.endpoints import (
     STREAMED_PREDICTION_CSV,
     STREAMED_PREDICTION_LINES,
@@ -22,19 +22,20 @@ from schemas.endpoints import (
     PredictionRequest,
     PredictionResponse,
 )
+from service.db.tables import EndpointTable
 from service.deps import AppState, app_state, db_session
 from service.endpoints.invocations import (
     CSV,
     JSON,
     JSONLINES,
     RECORDIO,
-    media_type,
     request_format,
     response_format,
 )
 from service.endpoints.service import EndpointService
 from service.endpoints.serving import ServingService
 from service.errors import PayloadTooLarge, UnsupportedMediaType
+from service.media_types import media_type
 from service.request_bodies import parse_json, validate
 from service.request_context import current_request_id
 from service.streaming import is_streamed, negotiate, streamed_content
@@ -50,10 +51,10 @@ def endpoint_service(session: Session = Depends(db_session), state: AppState = D
     return EndpointService(session, state.store, state.backends, state.catalog, state.serving)
 
 
-Service = Annotated[EndpointService, Depends(endpoint_service)]
+EndpointServiceDep = Annotated[EndpointService, Depends(endpoint_service)]
 
 
-def view(row: Any) -> Endpoint:
+def view(row: EndpointTable) -> Endpoint:
     return Endpoint.model_validate(row, from_attributes=True)
 
 
@@ -62,26 +63,26 @@ def view(row: Any) -> Endpoint:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Endpoint,
     summary="Deploy a model to a new endpoint",
-    responses=error_responses(400, 404, 409, 422),
+    responses={**error_responses(400, 404, 422), 409: NOT_CONFIGURED_RESPONSE},
 )
-def create_endpoint(request: EndpointCreate, service: Service) -> Any:
+def create_endpoint(request: EndpointCreate, service: EndpointServiceDep) -> Endpoint:
     """The endpoint starts `Creating`; a worker loads the model and makes it `InService`."""
     return view(service.create(request))
 
 
 @router.get("", response_model=Page[Endpoint], summary="List endpoints", responses=error_responses(422))
 def list_endpoints(
-    service: Service,
+    service: EndpointServiceDep,
     status_filter: Annotated[EndpointStatus | None, Query(alias="status")] = None,
     offset: OffsetQuery = 0,
     limit: LimitQuery = 50,
-) -> Any:
+) -> Page[Endpoint]:
     rows, total = service.page(offset, limit, status_filter)
     return Page[Endpoint](items=[view(r) for r in rows], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{name}", response_model=Endpoint, summary="Describe an endpoint", responses=error_responses(404, 422))
-def get_endpoint(name: str, service: Service) -> Any:
+def get_endpoint(name: str, service: EndpointServiceDep) -> Endpoint:
     return view(service.get(name))
 
 
@@ -92,7 +93,7 @@ def get_endpoint(name: str, service: Service) -> Any:
     summary="Switch an endpoint to another model",
     responses=error_responses(404, 409, 422),
 )
-def switch_model(name: str, request: EndpointModelSwitch, service: Service) -> Any:
+def switch_model(name: str, request: EndpointModelSwitch, service: EndpointServiceDep) -> Endpoint:
     """The endpoint becomes `Updating`; the current model keeps serving every request until the
     new one is loaded, then the switch is atomic. No request fails during the switch. A model with
     other feature names than the endpoint serves gets 409 naming both lists, unless the request sets
@@ -107,7 +108,7 @@ def switch_model(name: str, request: EndpointModelSwitch, service: Service) -> A
     summary="Delete an endpoint",
     responses=error_responses(404, 422),
 )
-def delete_endpoint(name: str, service: Service) -> Any:
+def delete_endpoint(name: str, service: EndpointServiceDep) -> Endpoint:
     """The endpoint becomes `Deleting`; a worker removes it (and its SageMaker resources)."""
     return view(service.delete(name))
 
@@ -167,7 +168,13 @@ _INVOCATION_BODY: dict[str, Any] = {
                 },
                 "example": {"instances": [{"features": [13.2, 236, 58, 21.2, -0.85]}]},
             },
-            JSONLINES: {"schema": {"type": "string"}, "example": '{"features": [13.2, 236, 58, 21.2, -0.85]}\n'},
+            JSONLINES: {
+                "schema": {
+                    "type": "string",
+                    "description": "JSON Lines (UTF-8): one instance per line, in any form `application/json` accepts.",
+                },
+                "example": '{"features": [13.2, 236, 58, 21.2, -0.85]}\n',
+            },
             RECORDIO: {"schema": _RECORDIO_SCHEMA},
         },
     }

@@ -26,6 +26,10 @@ only steps not split are scikit-learn's k-means++ seedings (``init_method`` and
 exceeds that work, a group of MIN_LLOYD_GROUP iterations; their size is bounded by the
 hyperparameters' ceilings.
 
+:class:`WebScaleKMeans` is a scikit-learn estimator whose parameters are these hyperparameters; see
+its docstring for validation, the fitted attributes and why ``labels_`` exists only for in-memory
+training data.
+
 Memory is O(mini_batch_size x d + K x d): data only ever arrives one mini-batch at a time. Center
 updates and metrics are float64 (nearest centers are ranked by a float32 BLAS pass whose close
 calls are re-decided in float64, see predict.py); the returned centers are float32 like SageMaker's
@@ -35,21 +39,23 @@ Parquet) for the same batch order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 from numpy.typing import ArrayLike
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
 from sklearn.cluster import KMeans, kmeans_plusplus
-from sklearn.exceptions import NotFittedError
+from sklearn.utils import Tags
+from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from service.engine.errors import EngineInputError, TrainingStopped
-from service.engine.hyperparameters import KMeansHyperparameters
+from service.engine.hyperparameters import AUTO, Auto, Extras, KMeansHyperparameters
 from service.engine.metrics import ClusterAccumulator, TrainingMetrics
 from service.engine.mxnet_format import ModelState
-from service.engine.predict import CenterIndex, Prediction, predict
-from service.engine.sources import BatchSource, as_batch_source, checked_batches
+from service.engine.predict import CenterIndex, Prediction, as_feature_matrix, predict
+from service.engine.sources import ArrayBatchSource, BatchSource, as_batch_source, checked_batches
 
 ProgressCallback = Callable[[int, int], None]
 StopCallback = Callable[[], bool]
@@ -61,85 +67,270 @@ WORK_PER_CHECK = 1 << 25
 # a run is seen: a group continuing from converged centers stops after 1 iteration (2 with
 # local_lloyd_tol = 0, the labels must repeat), so 3 always tells.
 MIN_LLOYD_GROUP = 3
+# k when none is given: scikit-learn's KMeans default (SageMaker has no default; it requires k).
+DEFAULT_K = 8
+# What scikit-learn's validate_data sets from an input matrix; a failed fit puts them back.
+_INPUT_ATTRIBUTES = ("n_features_in_", "feature_names_in_")
 
 
-class WebScaleKMeans:
-    """SageMaker-compatible k-means with a scikit-learn-style ``fit`` / ``predict`` interface."""
+class WebScaleKMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, BaseEstimator):
+    """SageMaker-compatible web-scale k-means as a scikit-learn estimator.
+
+    The keyword parameters are SageMaker KMeans's hyperparameters, named and defaulted exactly as
+    :class:`KMeansHyperparameters` (plus its ``seed`` and ``sagemaker_extras``), with two
+    differences: ``k`` defaults to 8 (scikit-learn's ``KMeans`` default; SageMaker has none and
+    :meth:`KMeansHyperparameters.from_mapping` still requires it) and ``feature_dim`` defaults to
+    None, which takes it from the training data. As scikit-learn requires, ``__init__`` only
+    stores them (so ``clone``, ``get_params`` / ``set_params``, ``Pipeline`` and ``GridSearchCV``
+    work); :meth:`fit` validates them by building a :class:`KMeansHyperparameters`, raising the
+    same ``HyperparameterError`` as that class, and keeps it as ``hyperparameters_``. A
+    ``feature_dim`` that is given and differs from the data's width raises EngineInputError.
+    The service builds the estimator with :meth:`from_hyperparameters`. ``seed=None`` fits are
+    not reproducible (the estimator's tags say ``non_deterministic`` then); ``seed`` plays the
+    role of scikit-learn's ``random_state`` but keeps Centroid's name.
+
+    ``X`` is an in-memory matrix (numpy, pandas, lists), checked with scikit-learn's
+    ``validate_data`` (a DataFrame's column names become ``feature_names_in_``, checked again by
+    ``predict`` / ``transform`` / ``score``), or a :class:`BatchSource` streamed as is (Parquet
+    files of any size). Data errors are EngineInputError (a ValueError); non-numeric values
+    inside an object array stay numpy's TypeError.
+
+    Fitted attributes:
+
+    * ``cluster_centers_`` (k, d) float32, the SageMaker model; ``cluster_sizes_`` (k,) int64
+      training rows closest to each center; ``local_centers_`` (K, d) float64 and
+      ``local_weights_`` (K,) the mini-batch stage's centers before the reduction (``state_``);
+      ``metrics_`` (:class:`TrainingMetrics`); ``hyperparameters_`` (validated, ``feature_dim``
+      filled in).
+    * ``inertia_``: the sum of squared distances of the training rows to their closest center
+      (``metrics_.train_ssd``, from the evaluation pass); ``n_iter_``: passes over the data
+      (``epochs``); ``n_steps_``: mini-batches streamed (``epochs`` x batches per pass).
+    * ``n_features_in_`` always; ``feature_names_in_`` only when ``X`` was a DataFrame with
+      string column names (a BatchSource's columns are not taken as feature names, so predicting
+      on plain arrays afterwards does not warn).
+    * ``labels_`` (n,) int64 — **only when X is an in-memory matrix**. The labels are collected
+      during the evaluation pass the fit makes anyway (no extra pass) and cost 8 bytes a row,
+      next to the matrix the caller already holds. A :class:`BatchSource` (including an
+      explicit ``ArrayBatchSource``) exists so that memory does not grow with the rows — a
+      streamed Parquet file of millions of rows trains in O(mini_batch_size x d + K x d) — so a
+      fit on one sets no ``labels_`` (and removes the ``labels_`` of an earlier fit). To label
+      streamed data, ``predict`` it batch by batch (bounded memory), or call
+      :meth:`fit_predict`, which asks for the labels explicitly and collects them during the
+      same evaluation pass.
+    """
 
     cluster_centers_: np.ndarray  # (k, d) float32
     cluster_sizes_: np.ndarray  # (k,) int64 training points closest to each center
     local_centers_: np.ndarray  # (K, d) float64 centers before the reduction to k
     local_weights_: np.ndarray  # (K,) float64 weights: 1 + points received (decayed)
     metrics_: TrainingMetrics
+    hyperparameters_: KMeansHyperparameters
+    inertia_: float
+    n_iter_: int
+    n_steps_: int
+    n_features_in_: int
+    labels_: np.ndarray  # (n,) int64; set only for in-memory training data, see above
 
-    def __init__(self, hyperparameters: KMeansHyperparameters) -> None:
-        self.hyperparameters = hyperparameters
+    def __init__(
+        self,
+        *,
+        k: int = DEFAULT_K,
+        feature_dim: int | None = None,
+        mini_batch_size: int = 5000,
+        epochs: int = 1,
+        init_method: str = "random",
+        extra_center_factor: Auto = AUTO,
+        local_lloyd_max_iter: int = 300,
+        local_lloyd_tol: float = 0.0001,
+        local_lloyd_init_method: str = "kmeans++",
+        local_lloyd_num_trials: Auto = AUTO,
+        half_life_time_size: int = 0,
+        eval_metrics: Sequence[str] = ("msd",),
+        seed: int | None = None,
+        sagemaker_extras: Extras | Mapping[str, object] = (),
+    ) -> None:
+        self.k = k
+        self.feature_dim = feature_dim
+        self.mini_batch_size = mini_batch_size
+        self.epochs = epochs
+        self.init_method = init_method
+        self.extra_center_factor = extra_center_factor
+        self.local_lloyd_max_iter = local_lloyd_max_iter
+        self.local_lloyd_tol = local_lloyd_tol
+        self.local_lloyd_init_method = local_lloyd_init_method
+        self.local_lloyd_num_trials = local_lloyd_num_trials
+        self.half_life_time_size = half_life_time_size
+        self.eval_metrics = eval_metrics
+        self.seed = seed
+        self.sagemaker_extras = sagemaker_extras
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: KMeansHyperparameters) -> WebScaleKMeans:
+        """An estimator with every hyperparameter of ``hyperparameters`` (``feature_dim`` included,
+        so data of another width is refused): what the service trains with."""
+        return cls(**{f.name: getattr(hyperparameters, f.name) for f in fields(hyperparameters)})
 
     def fit(
         self,
-        data: BatchSource | ArrayLike,
+        X: BatchSource | ArrayLike,
+        y: object = None,
         *,
         test: BatchSource | ArrayLike | None = None,
         progress: ProgressCallback | None = None,
         should_stop: StopCallback | None = None,
     ) -> WebScaleKMeans:
-        """Train on ``data`` (a matrix or a re-iterable BatchSource); optionally score ``test``.
+        """Train on ``X`` (a matrix or a re-iterable BatchSource); optionally score ``test``.
 
-        ``progress(points_done, total)`` runs after every training mini-batch, with
-        total = rows x epochs; the final evaluation pass is not reported. ``should_stop()`` is
-        checked before every mini-batch of every pass and between slices of every long step (see
-        the module docstring); when it returns True, TrainingStopped is raised and the estimator
-        keeps its previous state.
+        ``y`` is ignored (scikit-learn's API). ``progress(points_done, total)`` runs after every
+        training mini-batch, with total = rows x epochs; the final evaluation pass is not
+        reported. ``should_stop()`` is checked before every mini-batch of every pass and between
+        slices of every long step (see the module docstring); when it returns True,
+        TrainingStopped is raised. A fit that raises, for any reason, leaves the estimator as it
+        was (fitted attributes, ``n_features_in_`` and ``feature_names_in_`` included).
         """
-        hp = self.hyperparameters
-        train = _checked_source(data, hp, "training")
-        scored = None if test is None else _checked_source(test, hp, "test")
-        monitor = _Monitor(progress, should_stop, total=train.n_rows * hp.epochs)
-        init_seed, reduce_seed = np.random.SeedSequence(hp.seed).spawn(2)
-        state = _initial_state(train, hp, np.random.default_rng(init_seed))
-        for _ in range(hp.epochs):
-            for batch in checked_batches(train, hp.mini_batch_size):
-                monitor.check()
-                state.update(batch, _decay(len(batch), hp.half_life_time_size), monitor.check)
-                monitor.advance(len(batch))
-        centers = _reduce(state.centers, state.counts, hp, reduce_seed, monitor.check).astype(np.float32)
-        reduction_msd = weighted_msd(state.centers, state.counts, centers, monitor.check)
-        on_train = _evaluate(train, centers, hp.mini_batch_size, monitor, "training")
-        on_test = None if scored is None else _evaluate(scored, centers, hp.mini_batch_size, monitor, "test")
-        self._set_fitted(centers, state, on_train, on_test, reduction_msd)
-        return self
+        return self._fit(X, test, progress, should_stop, keep_labels=not isinstance(X, BatchSource))
 
-    def predict(self, X: ArrayLike) -> Prediction:
-        """Closest cluster and Euclidean distance for each row of ``X``."""
-        return predict(X, self._centers())
+    def fit_predict(
+        self,
+        X: BatchSource | ArrayLike,
+        y: object = None,
+        *,
+        test: BatchSource | ArrayLike | None = None,
+        progress: ProgressCallback | None = None,
+        should_stop: StopCallback | None = None,
+    ) -> np.ndarray:
+        """Fit, and return the training rows' labels (``labels_``), collected during the fit's
+        evaluation pass: no extra pass, for a BatchSource too (then ``labels_`` is set as well,
+        since the caller asked for one label per row)."""
+        self._fit(X, test, progress, should_stop, keep_labels=True)
+        return self.labels_
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """(n,) int64 index of the closest center for each row of ``X`` (first on ties)."""
+        data = self._prediction_input(X)
+        return CenterIndex(self.cluster_centers_).nearest(data)
+
+    def predict_with_distances(self, X: ArrayLike) -> Prediction:
+        """Closest cluster and Euclidean distance to it for each row of ``X`` (SageMaker's
+        ``closest_cluster`` / ``distance_to_cluster``)."""
+        return predict(self._prediction_input(X), self.cluster_centers_)
 
     def transform(self, X: ArrayLike) -> np.ndarray:
         """(n, k) Euclidean distances from each row of ``X`` to every center."""
-        distances = predict(X, self._centers(), all_distances=True).distances
+        distances = predict(self._prediction_input(X), self.cluster_centers_, all_distances=True).distances
         assert distances is not None
         return distances
+
+    def score(self, X: ArrayLike, y: object = None) -> float:
+        """Minus the sum of squared distances of the rows of ``X`` to their closest center, as
+        scikit-learn's ``KMeans.score`` (higher is better; on the training data, ``-inertia_``
+        up to the order of summation)."""
+        data = self._prediction_input(X)
+        index = CenterIndex(self.cluster_centers_)
+        return -float(index.squared_distances_to(data, index.nearest(data)).sum())
 
     @property
     def state_(self) -> ModelState:
         """The K local centers and their weights: what SageMaker's ``state_<uuid>`` member holds
         (``write_model_tar(model.cluster_centers_, model.state_)``)."""
-        if not hasattr(self, "local_centers_"):
-            raise NotFittedError("this WebScaleKMeans is not fitted yet; call fit() first")
+        check_is_fitted(self, "local_centers_")
         return ModelState(centers=self.local_centers_, weights=self.local_weights_)
 
-    def _centers(self) -> np.ndarray:
-        if not hasattr(self, "cluster_centers_"):
-            raise NotFittedError("this WebScaleKMeans is not fitted yet; call fit() first")
-        return self.cluster_centers_
+    @property
+    def _n_features_out(self) -> int:
+        """Columns of :meth:`transform` (one per center), for ``get_feature_names_out``."""
+        return int(self.cluster_centers_.shape[0])
+
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = self.seed is None
+        return tags
+
+    def _fit(
+        self,
+        X: BatchSource | ArrayLike,
+        test: BatchSource | ArrayLike | None,
+        progress: ProgressCallback | None,
+        should_stop: StopCallback | None,
+        *,
+        keep_labels: bool,
+    ) -> WebScaleKMeans:
+        before = {name: self.__dict__[name] for name in _INPUT_ATTRIBUTES if name in self.__dict__}
+        try:
+            train = self._training_source(X)
+            hp = self._hyperparameters_for(train)
+            scored = None if test is None else _checked_source(as_batch_source(test), hp, "test")
+            monitor = _Monitor(progress, should_stop, total=train.n_rows * hp.epochs)
+            init_seed, reduce_seed = np.random.SeedSequence(hp.seed).spawn(2)
+            state = _initial_state(train, hp, np.random.default_rng(init_seed))
+            steps = 0
+            for _ in range(hp.epochs):
+                for batch in checked_batches(train, hp.mini_batch_size):
+                    monitor.check()
+                    state.update(batch, _decay(len(batch), hp.half_life_time_size), monitor.check)
+                    monitor.advance(len(batch))
+                    steps += 1
+            centers = _reduce(state.centers, state.counts, hp, reduce_seed, monitor.check).astype(np.float32)
+            reduction_msd = weighted_msd(state.centers, state.counts, centers, monitor.check)
+            labels = np.empty(train.n_rows, dtype=np.int64) if keep_labels else None
+            on_train = _evaluate(train, centers, hp.mini_batch_size, monitor, "training", labels)
+            on_test = None if scored is None else _evaluate(scored, centers, hp.mini_batch_size, monitor, "test")
+        except BaseException:
+            for name in _INPUT_ATTRIBUTES:  # validate_data may have set them for this X
+                self.__dict__.pop(name, None)
+            self.__dict__.update(before)
+            raise
+        self._set_fitted(hp, train, centers, state, on_train, on_test, reduction_msd, labels, steps)
+        return self
+
+    def _training_source(self, X: BatchSource | ArrayLike) -> BatchSource:
+        """``X`` as a BatchSource; an in-memory matrix goes through scikit-learn's validation."""
+        if isinstance(X, BatchSource):
+            self.__dict__.pop("feature_names_in_", None)  # from an earlier DataFrame fit
+            return X
+        return ArrayBatchSource(self._validated(X, reset=True))
+
+    def _hyperparameters_for(self, train: BatchSource) -> KMeansHyperparameters:
+        """The parameters validated as KMeansHyperparameters (HyperparameterError, as that class
+        raises), ``feature_dim`` taken from the data if not given; then checked against it."""
+        params = self.get_params(deep=False)
+        if params["feature_dim"] is None:
+            params["feature_dim"] = train.n_features
+        hp = KMeansHyperparameters(**params)
+        _checked_source(train, hp, "training")
+        return hp
+
+    def _prediction_input(self, X: ArrayLike) -> np.ndarray:
+        """Prediction input checked against the fit (width, feature names) as finite float64."""
+        check_is_fitted(self, "cluster_centers_")
+        return as_feature_matrix(self._validated(X, reset=False), self.n_features_in_, "prediction input")
+
+    def _validated(self, X: ArrayLike, *, reset: bool) -> np.ndarray:
+        """scikit-learn's ``validate_data`` (2-D, numeric, dense, at least one column; sets or checks
+        ``n_features_in_`` and ``feature_names_in_``) with its ValueErrors as EngineInputError.
+        Values keep their dtype, so the engine converts them exactly as before, and finiteness
+        (and an empty matrix) is left to the engine, whose errors locate the bad value."""
+        try:
+            return validate_data(self, X, reset=reset, dtype="numeric", ensure_all_finite=False, ensure_min_samples=0)
+        except EngineInputError:
+            raise
+        except ValueError as exc:
+            raise EngineInputError(str(exc)) from exc
 
     def _set_fitted(
         self,
+        hp: KMeansHyperparameters,
+        train: BatchSource,
         centers: np.ndarray,
         state: _LocalState,
         on_train: ClusterAccumulator,
         on_test: ClusterAccumulator | None,
         reduction_msd: float,
+        labels: np.ndarray | None,
+        steps: int,
     ) -> None:
+        self.hyperparameters_ = hp
+        self.n_features_in_ = train.n_features
         self.local_centers_ = state.centers
         self.local_weights_ = state.counts
         self.cluster_sizes_ = np.array(on_train.sizes, dtype=np.int64)
@@ -152,6 +343,13 @@ class WebScaleKMeans:
             test_cluster_sizes=None if on_test is None else on_test.sizes,
             reduction_msd=reduction_msd,
         )
+        self.inertia_ = on_train.ssd
+        self.n_iter_ = hp.epochs
+        self.n_steps_ = steps
+        if labels is None:
+            self.__dict__.pop("labels_", None)
+        else:
+            self.labels_ = labels
         self.cluster_centers_ = centers
 
 
@@ -279,7 +477,7 @@ def _lloyd_trial(
     points: np.ndarray,
     weights: np.ndarray,
     hp: KMeansHyperparameters,
-    init: str,
+    init: str | np.ndarray,
     seed: int,
     check: Callable[[], None],
 ) -> KMeans:
@@ -324,10 +522,13 @@ def _reduction_input(centers: np.ndarray, weights: np.ndarray, k: int) -> tuple[
     return centers, np.where(positive, weights, floor)
 
 
-def _checked_source(data: BatchSource | ArrayLike, hp: KMeansHyperparameters, what: str) -> BatchSource:
-    source = as_batch_source(data)
+def _checked_source(source: BatchSource, hp: KMeansHyperparameters, what: str) -> BatchSource:
+    """``source`` has rows, ``feature_dim`` columns (else EngineInputError) and, for training
+    data, at least k rows (else HyperparameterError)."""
     if source.n_rows == 0:
         raise EngineInputError(f"{what} data has no rows")
+    if source.n_features != hp.feature_dim:
+        raise EngineInputError(f"{what} data has {source.n_features} columns but feature_dim is {hp.feature_dim}")
     hp.validate_against(source.n_rows, source.n_features, what=what)
     return source
 
@@ -367,14 +568,25 @@ def evaluate(
 
 
 def _evaluate(
-    source: BatchSource, centers: np.ndarray, batch_size: int, monitor: _Monitor, what: str
+    source: BatchSource,
+    centers: np.ndarray,
+    batch_size: int,
+    monitor: _Monitor,
+    what: str,
+    labels: np.ndarray | None = None,
 ) -> ClusterAccumulator:
+    """One pass: msd / ssd / cluster sizes of ``centers`` over ``source``; with ``labels`` (one
+    slot per row), each row's closest center is stored there too."""
     index = CenterIndex(centers.astype(np.float64))
     totals = ClusterAccumulator(len(centers))
+    done = 0
     for batch in checked_batches(source, batch_size, what):
         monitor.check()
-        labels = nearest_in_slices(index, batch, monitor.check)
-        totals.add(labels, index.squared_distances_to(batch, labels))
+        nearest = nearest_in_slices(index, batch, monitor.check)
+        totals.add(nearest, index.squared_distances_to(batch, nearest))
+        if labels is not None:
+            labels[done : done + len(batch)] = nearest
+        done += len(batch)
     return totals
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
-from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
+from schemas.common import NOT_CONFIGURED_RESPONSE, LimitQuery, OffsetQuery, Page, error_responses
 from schemas.jobs import JobStatus, TrainingJob, TrainingJobCreate
 from service.deps import AppState, app_state, db_session
 from service.jobs.service import JobService, job_view
@@ -19,7 +19,7 @@ def job_service(session: Session = Depends(db_session), state: AppState = Depend
     return JobService(session, state.store, state.backends, state.settings)
 
 
-Service = Annotated[JobService, Depends(job_service)]
+JobServiceDep = Annotated[JobService, Depends(job_service)]
 
 
 @router.post(
@@ -27,9 +27,9 @@ Service = Annotated[JobService, Depends(job_service)]
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TrainingJob,
     summary="Start a training job",
-    responses=error_responses(400, 404, 409, 422, 503),
+    responses={**error_responses(400, 404, 422, 503), 409: NOT_CONFIGURED_RESPONSE},
 )
-def create_job(request: TrainingJobCreate, service: Service) -> Any:
+def create_job(request: TrainingJobCreate, service: JobServiceDep) -> TrainingJob:
     """Queue a k-means training job (status `Pending`); a worker picks it up. The name is the
     job's identity, as in SageMaker: reusing it is a 409."""
     return job_view(service.create(request))
@@ -39,11 +39,11 @@ def create_job(request: TrainingJobCreate, service: Service) -> Any:
     "", response_model=Page[TrainingJob], summary="List training jobs, newest first", responses=error_responses(422)
 )
 def list_jobs(
-    service: Service,
+    service: JobServiceDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status", description="Only jobs in this status.")] = None,
     offset: OffsetQuery = 0,
     limit: LimitQuery = 50,
-) -> Any:
+) -> Page[TrainingJob]:
     rows, total = service.page(offset, limit, status_filter)
     return Page[TrainingJob](items=[job_view(r) for r in rows], total=total, offset=offset, limit=limit)
 
@@ -51,7 +51,7 @@ def list_jobs(
 @router.get(
     "/{name}", response_model=TrainingJob, summary="Describe a training job", responses=error_responses(404, 422)
 )
-def get_job(name: str, service: Service) -> Any:
+def get_job(name: str, service: JobServiceDep) -> TrainingJob:
     return job_view(service.get(name))
 
 
@@ -61,7 +61,7 @@ def get_job(name: str, service: Service) -> Any:
     summary="Stop a training job",
     responses=error_responses(404, 409, 422),
 )
-def stop_job(name: str, service: Service) -> Any:
+def stop_job(name: str, service: JobServiceDep) -> TrainingJob:
     """A Pending job stops at once; a running one becomes `Stopping` and stops within about a
     second (SageMaker jobs: StopTrainingJob). 409 if it already ended."""
     return job_view(service.stop(name))
@@ -74,7 +74,7 @@ def stop_job(name: str, service: Service) -> Any:
     summary="Delete a finished training job",
     responses=error_responses(404, 409, 422),
 )
-def delete_job(name: str, service: Service) -> Response:
+def delete_job(name: str, service: JobServiceDep) -> Response:
     """Only a `Completed`, `Failed` or `Stopped` job; 409 while it is `Pending`, `InProgress` or
     `Stopping` (stop it first). The model it trained stays (its `training_job_name` becomes null).
     Afterwards the job no longer keeps its datasets from being deleted."""

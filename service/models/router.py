@@ -11,11 +11,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from sqlalchemy.orm import Session
 
 from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
-from schemas.datasets import no_control_chars
+from schemas.datasets import NAME_SCHEMA, Name
 from schemas.models import (
     STREAMED_ASSIGNMENT_CSV,
     STREAMED_ASSIGNMENT_LINES,
@@ -38,6 +38,7 @@ from service.http_cache import (
     openapi_not_modified,
     strong_etag,
 )
+from service.media_types import media_type
 from service.models.service import ModelService, StreamedAssignments, batch_rows
 from service.request_bodies import read_upload
 from service.request_context import current_request_id
@@ -64,7 +65,7 @@ def _model_service(state: AppState, session: Session) -> ModelService:
     )
 
 
-Service = Annotated[ModelService, Depends(model_service)]
+ModelServiceDep = Annotated[ModelService, Depends(model_service)]
 
 
 def _cacheable(ok: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
@@ -199,7 +200,7 @@ _ASSIGNMENTS_STREAMED = streamed_content(
     },
     openapi_extra={"parameters": _ASSIGNMENTS_QUERY},
 )
-async def get_assignments(model_id: str, request: Request) -> Any:
+async def get_assignments(model_id: str, request: Request) -> Response:
     """Computed once per model, dataset and cluster filter, then answered from memory (no database)
     until the model or the dataset is deleted. Answered with an `ETag` (of the exact bytes) and
     `Cache-Control`; `If-None-Match` gives 304.
@@ -245,12 +246,26 @@ async def _streamed_assignments(
     return StreamingResponse(streamed.body, media_type=answer, headers={**cache_headers(etag), "Vary": "Accept"})
 
 
+#: Python's whitespace (``str.strip()``), spelled for ECMA-262 and Python regular expressions alike.
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_JSON_TEXT = r'"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"'
+_JSON_SPACE = r"[ \t\n\r]*"
+#: ``feature_names`` as :meth:`ImportForm._split` reads it: comma-separated names, or (starting with
+#: ``[``) a JSON list of at least one string. Published as the schema's ``pattern``.
+FEATURE_NAMES_PATTERN = (
+    rf"^[{_SPACE}]*(?:[^\[{_SPACE}][\s\S]*|\[{_JSON_SPACE}{_JSON_TEXT}(?:{_JSON_SPACE},{_JSON_SPACE}{_JSON_TEXT})*"
+    rf"{_JSON_SPACE}\][{_SPACE}]*)?$"
+)
+
+
 class ImportForm(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    """The non-file fields of a model import (another field is a 422: the schema lists them all)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
     feature_names: list[str] = Field(min_length=1)
     key_column: str | None = Field(default=None, max_length=256)
-
-    _check_name = field_validator("name")(no_control_chars)
 
     @field_validator("feature_names", mode="before")
     @classmethod
@@ -277,12 +292,20 @@ _IMPORT_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["file", "name", "feature_names"],
+                    "additionalProperties": False,
                     "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "SageMaker KMeans model.tar.gz"},
-                        "name": {"type": "string", "minLength": 1, "maxLength": 200, "example": "from-sagemaker"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "A SageMaker KMeans model.tar.gz (what SageMaker writes, or Centroid's "
+                            "`GET /models/{id}/artifact`); any other file is answered 400 `invalid_input`.",
+                        },
+                        "name": {**NAME_SCHEMA, "example": "from-sagemaker"},
                         "feature_names": {
                             "type": "string",
-                            "description": "Comma-separated or JSON list, one name per centroid coordinate.",
+                            "pattern": FEATURE_NAMES_PATTERN,
+                            "description": "Comma-separated or JSON list, one name per centroid coordinate (as many "
+                            "as the model has; 400 otherwise).",
                             "example": "Murder,Assault,UrbanPop,Rape,DensityPerMile",
                         },
                         "key_column": {"type": "string", "maxLength": 256, "example": "State"},
@@ -294,15 +317,13 @@ _IMPORT_BODY: dict[str, Any] = {
 }
 
 
-@router.get(
-    "", response_model=Page[ModelListItem], summary="List models, newest first", responses=error_responses(422)
-)
+@router.get("", response_model=Page[ModelListItem], summary="List models, newest first", responses=error_responses(422))
 def list_models(
-    service: Service,
+    service: ModelServiceDep,
     offset: OffsetQuery = 0,
     limit: LimitQuery = 50,
     name: Annotated[str | None, Query(max_length=200)] = None,
-) -> Any:
+) -> Page[ModelListItem]:
     """Items describe each model without its centroids (`GET /models/{id}/centroids` has them) and
     without its recipe (`GET /models/{id}`); the listing reads neither from the database, so it
     stays fast and small whatever the models' sizes."""
@@ -319,12 +340,12 @@ def list_models(
     responses=error_responses(400, 413, 415, 422, 507),
     openapi_extra=_IMPORT_BODY,
 )
-async def import_model(request: Request, service: Service) -> Any:
+async def import_model(request: Request, service: ModelServiceDep) -> Model:
     """Upload a `model.tar.gz` written by SageMaker's KMeans (or exported by Centroid) with
     the feature names; the model can then be deployed on a local endpoint. A model with more than
     `CENTROID_MAX_K` centroids, or more than `CENTROID_MAX_CENTROID_VALUES` numbers (k × feature_dim),
     gets 400, read from the archive's header before the centroids are."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+    if media_type(request.headers.get("content-type")) != "multipart/form-data":
         raise UnsupportedMediaType("send the model as multipart/form-data (fields file, name, feature_names)")
     upload, fields = await read_upload(request, ImportForm, "the model.tar.gz")
     row = await run_in_threadpool(
@@ -339,7 +360,7 @@ async def import_model(request: Request, service: Service) -> Any:
     summary="Describe a model",
     responses={**_cacheable(), **error_responses(404, 422)},
 )
-def get_model(model_id: str, request: Request, response: Response, service: Service) -> Any:
+def get_model(model_id: str, request: Request, response: Response, service: ModelServiceDep) -> Model | Response:
     """Without the centroids (see `/centroids`); `cluster_sizes` has k entries, at most `CENTROID_MAX_K`.
     Immutable: answered with an `ETag` and `Cache-Control`; `If-None-Match` gives 304."""
     row = service.get(model_id)
@@ -356,7 +377,9 @@ def get_model(model_id: str, request: Request, response: Response, service: Serv
     summary="A model's centroids, scaled and in original units",
     responses={**_cacheable(), **error_responses(404, 422)},
 )
-def get_centroids(model_id: str, request: Request, response: Response, service: Service) -> Any:
+def get_centroids(
+    model_id: str, request: Request, response: Response, service: ModelServiceDep
+) -> Centroids | Response:
     """Immutable: answered with an `ETag` and `Cache-Control`; `If-None-Match` gives 304."""
     row = service.get(model_id)
     etag = strong_etag(row.id, row.artifact_sha256, "centroids")
@@ -375,7 +398,7 @@ def get_centroids(model_id: str, request: Request, response: Response, service: 
         **error_responses(404, 422),
     },
 )
-def get_artifact(model_id: str, request: Request, service: Service) -> Response:
+def get_artifact(model_id: str, request: Request, service: ModelServiceDep) -> Response:
     """Immutable: answered with an `ETag` and `Cache-Control`; `If-None-Match` gives 304."""
     row = service.get(model_id)
     etag = strong_etag(row.id, row.artifact_sha256, "artifact")
@@ -398,7 +421,7 @@ def get_artifact(model_id: str, request: Request, service: Service) -> Response:
     summary="Delete a model",
     responses=error_responses(404, 409, 422),
 )
-def delete_model(model_id: str, request: Request, service: Service) -> Response:
+def delete_model(model_id: str, request: Request, service: ModelServiceDep) -> Response:
     """Refused with 409 while an endpoint serves it."""
     service.delete(model_id)
     # This process drops its cached reads of the model now; others when they see the new generation.

@@ -105,6 +105,7 @@ def refused(call: Any) -> dict[str, Any]:
     return response
 
 
+@pytest.mark.slow
 def test_a_key_invokes_with_csv_and_json(server: str) -> None:
     for key in (READER, ADMIN):
         client = runtime(server, key)

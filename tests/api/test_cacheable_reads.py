@@ -102,6 +102,7 @@ def test_model_etag_is_derived_from_id_and_artifact(client: TestClient, model: d
     assert client.get(f"/models/{model['id']}").headers["etag"] == expected
 
 
+@pytest.mark.slow
 def test_artifact_uses_our_etag_for_ranges_too(client: TestClient, model: dict[str, Any]) -> None:
     url = f"/models/{model['id']}/artifact"
     full = client.get(url)
@@ -197,6 +198,7 @@ def test_deleting_another_dataset_drops_its_cached_assignments(client: TestClien
     assert client.get(url).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("params", "loc", "kind"),
     [

@@ -288,6 +288,7 @@ def test_a_task_that_keeps_killing_workers_fails(client: TestClient, sample_csv:
     assert client.get("/datasets", params={"name": "a"}).json()["total"] == 0
 
 
+@pytest.mark.slow
 def test_a_lost_lease_commits_nothing(client: TestClient, sample_csv: dict[str, bytes]) -> None:
     _, densities = _uploads(client, sample_csv)
     task = _accepted(
@@ -305,6 +306,7 @@ def test_a_lost_lease_commits_nothing(client: TestClient, sample_csv: dict[str, 
     assert _task(client, task["id"])["status"] == "Completed"
 
 
+@pytest.mark.slow
 def test_progress_is_written_while_the_task_runs(client: TestClient, sample_csv: dict[str, bytes]) -> None:
     _, densities = _uploads(client, sample_csv)
     task = _accepted(

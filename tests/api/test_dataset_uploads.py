@@ -136,6 +136,7 @@ def test_fields_after_the_file_give_what_fields_before_it_give(
     assert leftovers(settings) == []
 
 
+@pytest.mark.slow
 def test_multipart_mistakes_are_named(client: TestClient, settings: Settings) -> None:
     two = client.post(
         "/datasets",
@@ -214,6 +215,7 @@ def _upload_growth(base_url: str, pid: int, rows: int, name: str) -> int:
     return (_kib(pid, "VmHWM") - before) * 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_upload_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
     """A real server takes a 4x larger upload (about 20 MB, then 80 MB of CSV, streamed by the

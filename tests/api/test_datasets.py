@@ -272,6 +272,7 @@ def test_bad_csv_is_refused_and_leaves_nothing(
     assert artifact_files(settings) == []
 
 
+@pytest.mark.slow
 def test_key_column_problems(client: TestClient) -> None:
     assert_error(
         client.post("/datasets", files={"file": ("x.csv", SMALL)}, data={"name": "n", "key_column": "nope"}),
@@ -401,6 +402,7 @@ def test_bad_derive_steps(client: TestClient, settings: Settings, steps: list[di
     assert artifact_files(settings) == before
 
 
+@pytest.mark.slow
 def test_bad_joins(client: TestClient) -> None:
     left = upload_csv(client, "l", b"k,a\nx,1\ny,2\n", "k")
     dup = upload_csv(client, "dup", b"k,b\nx,1\nx,2\n")
@@ -410,7 +412,7 @@ def test_bad_joins(client: TestClient) -> None:
     no_key = upload_csv(client, "n", b"a,b\n1,2\n")
     cases = [
         (left["id"], {"dataset_id": dup["id"]}, "duplicate values in dataset"),
-        (left["id"], {"dataset_id": other_key["id"]}, "join column 'k' is missing from dataset"),
+        (left["id"], {"dataset_id": other_key["id"], "on": "k"}, "join column 'k' is missing from dataset"),
         (left["id"], {"dataset_id": left["id"], "on": "nope"}, "join column 'nope' is missing from this dataset"),
         (left["id"], {"dataset_id": same_col["id"]}, "both datasets have column(s) 'a'"),
         (left["id"], {"dataset_id": disjoint["id"]}, "leave no rows"),

@@ -102,6 +102,7 @@ def test_unknown_things_are_404(client: TestClient, model: dict) -> None:  # typ
         ("application/jsonlines", '{"features": [0.1, 0.1]}\n{"features": [10, 0]}\n{"features": [0, 10.2]}\n'),
     ],
 )
+@pytest.mark.slow
 def test_invocations_accept_sagemaker_request_formats(
     client: TestClient, model: dict, endpoint: dict, content_type: str, body: str
 ) -> None:  # type: ignore[type-arg]
@@ -178,6 +179,7 @@ def test_invocations_answer_per_accept(
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_invocations(
     client: TestClient, endpoint: dict, headers: dict, body: str, status: int, code: str, fragment: str
 ) -> None:  # type: ignore[type-arg]
@@ -254,6 +256,7 @@ def test_predictions_from_rows_with_keys(client: TestClient, model: dict, endpoi
     assert sum(body["cluster_counts"].values()) == 2 and len(body["cluster_counts"]) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("request_body", "status", "fragment"),
     [
@@ -292,6 +295,7 @@ def test_raw_rows_go_through_the_training_recipe(client: TestClient, sample_csv:
     assert from_raw["distance_to_cluster"] == pytest.approx(expected["distances"]["Alabama"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_switch_model_without_a_failed_request(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """PUT /endpoints/{name} while clients hammer the endpoint: every request succeeds."""
     settings = settings.model_copy(update={"embedded_worker": True, "worker_poll_interval": 0.05})
@@ -346,7 +350,8 @@ def test_switch_is_refused_mid_transition(client: TestClient, model: dict) -> No
 
 
 def test_prediction_rows_with_keys_the_model_does_not_use_are_refused_before_any_work(
-    client: TestClient, endpoint: dict  # type: ignore[type-arg]
+    client: TestClient,
+    endpoint: dict,  # type: ignore[type-arg]
 ) -> None:
     """A read key used to burn 15 s of CPU with one row of 5,000 keys (57 KB): now a 400 at once."""
     import time
@@ -383,6 +388,7 @@ def imported(client: TestClient, feature_names: str, name: str = "imported") -> 
     return str(response.json()["id"])
 
 
+@pytest.mark.slow
 def test_switch_to_a_model_with_other_features_needs_allow_feature_change(
     client: TestClient, model: dict[str, Any], endpoint: dict[str, Any]
 ) -> None:

@@ -51,6 +51,7 @@ REQUESTS: list[tuple[str, str, dict[str, str], Any]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "headers", "body"), REQUESTS)
 def test_the_lane_answers_like_the_routes(
     served: tuple[TestClient, dict[str, Any]],
@@ -125,6 +126,7 @@ def test_unknown_endpoints_and_metrics_labels(served: tuple[TestClient, dict[str
     assert 'route="/endpoints/{name}/invocations",status="404"' in metrics
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_mid_body_is_not_answered_by_the_lane(
     served: tuple[TestClient, dict[str, Any]],
 ) -> None:

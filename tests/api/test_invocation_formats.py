@@ -619,6 +619,7 @@ def test_random_bytes_are_400_or_rows(body: bytes, width: int) -> None:
     _only_invalid_input(struct.pack("<II", MAGIC, len(body)) + body + b"\0" * (-len(body) % 4), width)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), matrix=_matrices(np.float32), sparse=st.booleans())
 def test_damaged_bodies_are_400_or_rows(data: st.DataObject, matrix: np.ndarray, sparse: bool) -> None:

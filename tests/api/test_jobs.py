@@ -44,6 +44,7 @@ def test_a_job_runs_to_completion_and_registers_a_model(client: TestClient, blob
     assert model["metrics"]["train:msd_full_pass"] < 0.5  # blobs 10 apart, each about 0.4 wide
 
 
+@pytest.mark.slow
 def test_test_dataset_gives_test_metrics(client: TestClient, blobs: dict) -> None:  # type: ignore[type-arg]
     test = upload_csv(client, "test", b"id,x,y\nt1,0,0\nt2,10,0\nt3,0,10\n", "id")
     hyperparameters = {"k": 3, "seed": 1, "eval_metrics": ["msd", "ssd"]}
@@ -92,13 +93,14 @@ def test_duplicate_name_is_409(client: TestClient, blobs: dict) -> None:  # type
         ({"hyperparameters": {"k": 3, "eval_metrics": ["rmse"]}}, 400, "invalid_input", "eval_metrics"),
         ({"hyperparameters": {"k": 3, "bogus": 1}}, 400, "invalid_input", "bogus: unknown hyperparameter"),
         ({"hyperparameters": {}}, 422, "validation_error", ""),
-        ({"backend": "sagemaker"}, 400, "invalid_input", "backend 'sagemaker'"),
+        ({"backend": "sagemaker"}, 409, "not_configured", "backend 'sagemaker'"),
         ({"backend": "azure"}, 422, "validation_error", ""),
         ({"name": "bad name!"}, 422, "validation_error", ""),
         ({"train_dataset_id": "ds-nope"}, 404, "not_found", "ds-nope"),
         ({"test_dataset_id": "ds-nope"}, 404, "not_found", "ds-nope"),
     ],
 )
+@pytest.mark.slow
 def test_bad_submissions_create_nothing(
     client: TestClient, blobs: dict, body: dict, status: int, code: str, fragment: str
 ) -> None:  # type: ignore[type-arg]
@@ -166,6 +168,7 @@ def test_datasets_used_by_jobs_and_models_cannot_be_deleted(client: TestClient, 
 # --- ceilings on what a job may cost (issue 16, #2 and #6) ----------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("hyperparameters", "parameter", "ceiling"),
     [
@@ -296,6 +299,7 @@ def test_a_failed_job_can_be_deleted(client: TestClient, blobs: dict) -> None:  
     assert client.delete(f"/datasets/{blobs['id']}").status_code == 204
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status", ["Pending", "InProgress", "Stopping"])
 def test_a_job_that_may_still_run_cannot_be_deleted(client: TestClient, blobs: dict, status: str) -> None:  # type: ignore[type-arg]
     start_job(client, "j", blobs["id"])
@@ -417,6 +421,7 @@ def test_sagemaker_only_keys_with_bad_values_and_unknown_names_are_refused(
     assert client.get("/training-jobs").json()["total"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("eval_metrics", "expected"),
     [

@@ -106,6 +106,7 @@ sys.stdout.buffer.write(metrics.render())
 """
 
 
+@pytest.mark.slow
 def test_multiprocess_mode_adds_up_every_process(tmp_path: Path) -> None:
     """With PROMETHEUS_MULTIPROC_DIR (what `centroid serve --workers N` sets), a scrape answered by
     any process counts the requests of all of them, exited ones included; database gauges still come."""

@@ -40,6 +40,7 @@ def import_model(
     return response.json()  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_model_records_what_it_was_trained_with(client: TestClient, sample_csv: dict[str, bytes]) -> None:
     workshop = workshop_dataset(client, sample_csv["crimes"], sample_csv["densities"])
     model = trained_model(client, workshop["id"], hyperparameters={"k": 10, "seed": 11})
@@ -173,6 +174,7 @@ def test_assignments_map_keys_to_clusters(client: TestClient) -> None:
     )
 
 
+@pytest.mark.slow
 def test_delete_is_refused_while_deployed(client: TestClient) -> None:
     blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
     model = trained_model(client, blobs["id"])

@@ -111,6 +111,7 @@ def json_rows(response: Any, include_distances: bool = False) -> list[dict[str, 
 # --- the same rows as the JSON form ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streamed_predictions_equal_the_json_form(client: TestClient, blobs: dict[str, Any]) -> None:
     for include_distances in (False, True):
         body = {"dataset_id": blobs["dataset"]["id"], "include_distances": include_distances}
@@ -130,6 +131,7 @@ def test_keyless_datasets_are_labelled_by_row_position(client: TestClient, blobs
         assert lines_of(predict(client, accept, dataset_id=keyless["id"])) == expected
 
 
+@pytest.mark.slow
 def test_raw_datasets_go_through_the_recipe_when_streamed(client: TestClient, sample_csv: dict[str, bytes]) -> None:
     workshop = workshop_dataset(client, sample_csv["crimes"], sample_csv["densities"])
     model = trained_model(client, workshop["id"], hyperparameters={"k": 10, "seed": 3})
@@ -152,6 +154,7 @@ def test_sort_within_the_cap_is_streamed_in_order(client: TestClient, blobs: dic
     assert lines_of(predict(client, CSV, **body)) == expected
 
 
+@pytest.mark.slow
 def test_streamed_assignments_equal_the_json_form(client: TestClient, blobs: dict[str, Any]) -> None:
     url = f"/models/{blobs['model']['id']}/assignments"
     for cluster in (None, 0, 2):
@@ -174,6 +177,7 @@ def test_streamed_assignments_equal_the_json_form(client: TestClient, blobs: dic
 # --- any size ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_above_the_cap_json_says_413_and_streaming_works(small: TestClient) -> None:
     dataset = upload_csv(small, "blobs", BLOBS_CSV, "id")
     model = trained_model(small, dataset["id"])
@@ -207,6 +211,7 @@ def test_above_the_cap_json_says_413_and_streaming_works(small: TestClient) -> N
     assert not list(Path(small.app.state.centroid.store.root).glob(".tmp-sort-*"))  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_distances_are_bounded_per_batch_when_streamed(tmp_path: Path, database_url: str) -> None:
     with make_client(tmp_path, database_url, max_distance_cells=9) as client:  # k = 3: 3 rows a batch
         dataset = upload_csv(client, "blobs", BLOBS_CSV, "id")
@@ -230,6 +235,7 @@ def holey(client: TestClient) -> dict[str, Any]:
     return {"dataset": dataset, "model": model}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accept", [None, JSONLINES, CSV])
 def test_problems_the_metadata_shows_are_errors_before_the_first_byte(small: TestClient, accept: str | None) -> None:
     made = holey(small)
@@ -298,6 +304,7 @@ def test_unacceptable_types_are_406_and_rows_stay_json(client: TestClient, blobs
     assert rows.status_code == 200 and rows.json()["predictions"][0]["key"] == "0"
 
 
+@pytest.mark.slow
 def test_openapi_lists_the_streamed_media_types(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     for path, method in (("/endpoints/{name}/predictions", "post"), ("/models/{model_id}/assignments", "get")):
@@ -322,6 +329,7 @@ def test_negotiation_answers_the_alias_asked_for() -> None:
 finite = st.floats(allow_nan=False, allow_infinity=False)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(keys=st.lists(st.text(max_size=12), min_size=1, max_size=40), data=st.data())
 def test_lines_read_back_exactly(keys: list[str], data: st.DataObject) -> None:
@@ -415,6 +423,7 @@ def _write(path: Path, rows: int) -> None:
             writer.write_table(pa.table(columns, schema=schema), row_group_size=65_536)
 
 
+@pytest.mark.slow
 def test_streaming_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
     big, small_file = tmp_path / "big.parquet", tmp_path / "small.parquet"
     rows = 1_000_000

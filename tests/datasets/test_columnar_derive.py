@@ -207,6 +207,22 @@ def dataset(draw: st.DrawFn, names: list[str], keys: list[str]) -> tuple[pd.Data
 
 
 feature_range = st.sampled_from([(-1.0, 1.0), (0.0, 1.0), (-3.5, 0.25)])
+# A join's columns: the keys (mostly), one name on both sides, two names, one side's only, or a
+# refused mix of `on` and `left_on`.
+join_columns: st.SearchStrategy[dict[str, str]] = st.one_of(
+    st.just({}),
+    st.just({}),
+    st.just({}),
+    st.builds(lambda on: {"on": on}, st.sampled_from(["k", "n", "x"])),
+    st.builds(
+        lambda left, right: {"left_on": left, "right_on": right},
+        st.sampled_from(["k", "n", "x", "s"]),
+        st.sampled_from(["k", "r", "q", "x"]),
+    ),
+    st.builds(lambda left: {"left_on": left}, st.sampled_from(["k", "n", "x"])),
+    st.builds(lambda right: {"right_on": right}, st.sampled_from(["k", "r", "x"])),
+    st.just({"on": "k", "left_on": "k"}),
+)
 
 
 def step_dicts(known: list[str], numeric: list[str]) -> st.SearchStrategy[dict[str, Any]]:
@@ -217,9 +233,16 @@ def step_dicts(known: list[str], numeric: list[str]) -> st.SearchStrategy[dict[s
     numbers = st.lists(st.sampled_from([*numeric, *numeric, *numeric, *known, "nope"]), min_size=1, max_size=3)
     return st.one_of(
         st.builds(
-            lambda how, on: {"op": "join", "dataset_id": "R", "how": how, "on": on},
+            lambda how, names, suffixes: {
+                "op": "join",
+                "dataset_id": "R",
+                "how": how,
+                **names,
+                **({} if suffixes is None else {"suffixes": suffixes}),
+            },
             st.sampled_from(["inner", "left"]),
-            st.sampled_from([None, None, None, None, "k", "n", "x"]),
+            join_columns,
+            st.sampled_from([None, None, None, ("_l", "_r"), ("", "_r"), ("_l", ""), ("", ""), ("_r", "_r")]),
         ),
         st.builds(
             lambda columns, method, bounds: {
@@ -255,9 +278,14 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, tuple[pd.DataFrame, str | None
     frames = {"L": draw(dataset(LEFT_NAMES, left_keys)), "R": draw(dataset(RIGHT_NAMES, right_keys))}
     known = list(dict.fromkeys(name for frame, _ in frames.values() for name in frame.columns))
     numeric = [name for frame, _ in frames.values() for name in frame.columns if frame[name].dtype != "string"]
+    # The names a join with suffixes gives the columns both sides have, for later steps to use.
+    both = [name for name in frames["L"][0].columns if name in frames["R"][0].columns]
+    known += [name + suffix for name in both for suffix in ("_l", "_r")]
+    numeric += [name + suffix for name in both if name in numeric for suffix in ("_l", "_r")]
     return frames, draw(st.lists(step_dicts(known, numeric or known), min_size=1, max_size=4))
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.booleans(), st.sampled_from(["256MB", HASH_JOIN_MEMORY]))
 def test_generated_steps_match_pandas(
@@ -269,6 +297,7 @@ def test_generated_steps_match_pandas(
     compare(frames, steps, trust_keys=trust_keys, memory_limit=memory_limit)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.data())
 def test_steps_after_a_join_match_pandas(
@@ -286,6 +315,7 @@ def test_steps_after_a_join_match_pandas(
     compare(frames, [join, *steps[:2], {"op": "select", "columns": kept}], memory_limit=memory_limit)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, on the pandas side
 @settings(max_examples=20, deadline=None)
 @given(
@@ -305,6 +335,7 @@ def test_long_columns_sum_like_numpy(values: list[float | None], op: str) -> Non
     compare({"L": (frame, "k")}, steps, group=100)
 
 
+@pytest.mark.slow
 def test_pairwise_sum_is_numpys_sum_bit_for_bit() -> None:
     rng = np.random.default_rng(7)
     for n in [*range(0, 300), 4095, 8192, 8193, 50_001]:
@@ -351,13 +382,31 @@ def refusal(steps: list[dict[str, Any]], left: Any = (LEFT, "k"), right: Any = (
     ("steps", "left", "right", "fragment"),
     [
         ([{"op": "join", "dataset_id": "R"}], (LEFT, None), (RIGHT, "k"), "join needs `on`"),
+        ([{"op": "join", "dataset_id": "R", "right_on": "k"}], (LEFT, None), (RIGHT, "k"), "join needs `left_on`"),
+        ([{"op": "join", "dataset_id": "R", "on": "k", "right_on": "k"}], (LEFT, "k"), (RIGHT, "k"), "not both"),
+        (
+            [{"op": "join", "dataset_id": "R"}],
+            (LEFT, "k"),
+            (frame(id=["a"], r=[1]), None),
+            "join column 'k' is missing from dataset R, which has no key column either",
+        ),
+        ([{"op": "join", "dataset_id": "R"}], (LEFT, "s"), (RIGHT, None), "which has no key column either"),
+        ([{"op": "join", "dataset_id": "R", "left_on": "s"}], (LEFT, "k"), (RIGHT, None), "pass `right_on`"),
+        ([{"op": "join", "dataset_id": "R", "right_on": "zz"}], (LEFT, "k"), (RIGHT, "k"), "'zz' is missing from"),
+        ([{"op": "join", "dataset_id": "R", "left_on": "zz"}], (LEFT, "k"), (RIGHT, "k"), "'zz' is missing from this"),
         ([{"op": "join", "dataset_id": "R", "on": "x"}], (LEFT, "k"), (RIGHT, "k"), "missing from dataset R"),
         ([{"op": "join", "dataset_id": "R", "on": "q"}], (LEFT, "k"), (RIGHT, "k"), "missing from this dataset"),
         (
             [{"op": "join", "dataset_id": "R", "on": "x"}],
             (frame(x=[1.0, None, 2.0, None, 1.0, 3.0]), None),
-            (RIGHT, "k"),
+            (frame(x=[1.0, 2.0], r=[1, 2]), None),
             "duplicate values in this dataset: nan, 1.0",
+        ),
+        (
+            [{"op": "join", "dataset_id": "R", "left_on": "x", "right_on": "r"}],
+            (frame(x=[1.0, 2.0, 3.0]), None),
+            (frame(r=[1, 2, 1], q=[0.5, 1.5, 2.5]), None),
+            "join column 'r' has duplicate values in dataset R: 1",
         ),
         (
             [{"op": "join", "dataset_id": "R"}],
@@ -366,12 +415,42 @@ def refusal(steps: list[dict[str, Any]], left: Any = (LEFT, "k"), right: Any = (
             "duplicate values in dataset R: a, <NA>, b",
         ),
         (
-            [{"op": "join", "dataset_id": "R", "on": "n"}],
+            [{"op": "join", "dataset_id": "R", "left_on": "n"}],
             (frame(n=[*range(30), *range(30)]), None),
             (RIGHT, "k"),
             "duplicate values in this dataset: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9",
         ),
         ([{"op": "join", "dataset_id": "R"}], (LEFT, "k"), (frame(k=["a"], x=[1.0], n=[1]), "k"), "both datasets"),
+        (
+            [{"op": "join", "dataset_id": "R"}],
+            (LEFT, "k"),
+            (frame(k=["a"], x=[1.0], n=[1]), "k"),
+            "column(s) 'n', 'x'; pass `suffixes`",
+        ),
+        (
+            [{"op": "join", "dataset_id": "R", "suffixes": ["", ""]}],
+            (LEFT, "k"),
+            (frame(id=["a"], x=[1.0]), "id"),
+            "the suffixes '' and '' leave column(s) 'x' twice",
+        ),
+        (
+            [{"op": "join", "dataset_id": "R", "suffixes": ["", "_r"]}],
+            (LEFT, "k"),
+            (frame(id=["a"], x=[1.0], x_r=[2.0]), "id"),
+            "leave column(s) 'x_r' twice",
+        ),
+        (
+            [{"op": "join", "dataset_id": "R", "suffixes": ["_n", ""]}],
+            (frame(k=["a"], x=[1.0], x_n=[3]), "k"),
+            (frame(k=["a"], x=[1.0]), "k"),
+            "leave column(s) 'x_n' twice",
+        ),
+        (
+            [{"op": "join", "dataset_id": "R", "suffixes": ["_" * 64, ""]}],
+            (frame(k=["a"], **{"x" * 200: [1.0]}), "k"),
+            (frame(k=["a"], **{"x" * 200: [2.0]}), "k"),
+            "column names must be at most 256 characters",
+        ),
         ([{"op": "scale", "columns": ["x", "nope", "zz"]}], (LEFT, "k"), (RIGHT, "k"), "unknown column(s) 'nope'"),
         ([{"op": "scale", "columns": ["x", "k"]}], (LEFT, "k"), (RIGHT, "k"), "'k' is the key column"),
         ([{"op": "scale", "columns": ["s"]}], (LEFT, "k"), (RIGHT, "k"), "not numeric: row 0 holds 'u'"),
@@ -455,6 +534,7 @@ def test_the_error_prefix_names_the_step() -> None:
 # --- semantics worth a case of their own --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_join_keeps_left_order_and_compares_as_text() -> None:
     rng = np.random.default_rng(3)
     keys = [f"k{i:05d}" for i in range(3000)]
@@ -552,6 +632,7 @@ def test_negative_zero_minimum_is_equal_but_may_differ_in_sign() -> None:
 # --- the key check --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from([f"v{i}" for i in range(150)]), st.none()), min_size=1, max_size=400))
 def test_check_key_parquet_matches_check_key(cells: list[str | None]) -> None:

@@ -155,6 +155,7 @@ def assert_same(data: bytes, delimiter: str, key: str | None, directory: Path) -
         pd.testing.assert_frame_equal(actual[1], expected[1].reset_index(drop=True))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(csv_files())
 def test_streaming_ingest_equals_the_original_parser(tmp_path: Path, case: tuple[bytes, str, str | None]) -> None:

@@ -2,9 +2,10 @@
 
 * A model's recipe compiled to numpy (``service.datasets.online``) gives exactly the matrix that
   replaying the recipe on a typed DataFrame gives (``replay`` + ``frame_matrix``), for generated
-  recipes (chains of min-max and z-score scalings, fills, renames, selects, joins) and rows, in
-  both stored forms (by reference, and the older nested one), and for generated DAGs of datasets
-  that share parents (diamonds, a dataset joined with itself level after level).
+  recipes (chains of min-max and z-score scalings, fills, renames, selects, joins, suffixes
+  included) and rows, in both stored forms (by reference, and the older nested one), and for
+  generated DAGs of datasets that share parents (diamonds, a dataset joined with itself level
+  after level).
 * The fast invocation parsers (CSV, JSON, JSON Lines) give exactly the exact parsers' matrix, or
   defer to them: the fast path never accepts what the exact path refuses.
 """
@@ -51,16 +52,25 @@ def recipes(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
     if draw(st.booleans()):
         frame.loc[draw(st.integers(0, n - 1)), "b"] = np.nan
     right_data = draw(column)
-    right = pd.DataFrame({"k": [f"r{i}" for i in range(n)], "d": right_data})
-    right_recipe = {"source": "upload", "columns": ["k", "d"]}
+    # Sometimes the other side is keyed "id" and has an "a" too: joined key to key with suffixes.
+    shares = draw(st.booleans())
+    right_key = "id" if shares else "k"
+    right = pd.DataFrame({right_key: [f"r{i}" for i in range(n)], "d": right_data})
+    if shares:
+        right["a"] = draw(column)
+    right_recipe = {"source": "upload", "columns": list(right.columns)}
 
     def load(_: str) -> Table:
-        return Table(right, "k")
+        return Table(right, right_key)
 
     steps: list[Any] = []
     names = list(LEFT)
     if draw(st.booleans()):
-        steps.append(JoinStep(op="join", dataset_id="ds-right", how="inner"))
+        if shares:
+            steps.append(JoinStep(op="join", dataset_id="ds-right", how="inner", suffixes=("_l", "_r")))
+            names = ["a_l", *LEFT[1:], "a_r"]
+        else:
+            steps.append(JoinStep(op="join", dataset_id="ds-right", how="inner"))
         names.append("d")
     steps.append(FillNaStep(op="fillna", columns=["b"], strategy="mean"))
     for _ in range(draw(st.integers(1, 4))):
@@ -101,6 +111,7 @@ def nested(recipe: dict[str, Any]) -> dict[str, Any]:
 raw_cell = st.one_of(finite, st.integers(min_value=-(10**6), max_value=10**6), st.none())
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(recipes(), st.lists(st.fixed_dictionaries({name: raw_cell for name in [*LEFT, "d"]}), min_size=1, max_size=8))
 def test_compiled_recipe_equals_the_replay_bit_for_bit(
@@ -189,6 +200,7 @@ def dag_recipes(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
     return recipe, features
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dag_recipes(), st.lists(st.fixed_dictionaries({name: raw_cell for name in UPLOAD}), min_size=1, max_size=8))
 def test_compiled_dag_recipe_equals_the_replay_bit_for_bit(
@@ -199,6 +211,7 @@ def test_compiled_dag_recipe_equals_the_replay_bit_for_bit(
         _assert_compiled_equals_replay(form, features, rows)
 
 
+@pytest.mark.slow
 @given(st.lists(st.fixed_dictionaries({"x": st.one_of(finite, st.text(max_size=6), st.none())}), min_size=1))
 def test_text_cells_read_like_an_upload(rows: list[dict[str, Any]]) -> None:
     """Numeric text ('1,210.5', ' 7 ') reads as numbers; other text is refused, as for uploads."""
@@ -252,6 +265,8 @@ def test_fast_csv_equals_the_exact_parser(rows: list[list[float]], newline: str,
     _same_outcome(body.encode(), CSV, len(rows[0]))
 
 
+@pytest.mark.slow
+@settings(deadline=None)  # parses bodies of up to 400 rows: time varies with machine load
 @given(st.integers(1, 400), st.integers(1, 6))
 def test_large_csv_bodies_take_the_columnar_reader_and_agree(n: int, dim: int) -> None:
     rng = np.random.default_rng(n * 7 + dim)

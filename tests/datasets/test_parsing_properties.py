@@ -42,6 +42,7 @@ def test_malformed_numbers_are_not_numbers(text: str) -> None:
     assert parse_number(text) is None
 
 
+@pytest.mark.slow
 @given(st.lists(finite, min_size=1, max_size=30))
 def test_json_numbers_and_their_text_type_the_same(values: list[float]) -> None:
     as_numbers = type_columns(frame_from_rows(["v"], [[v] for v in values]), None).frame["v"]
@@ -50,6 +51,7 @@ def test_json_numbers_and_their_text_type_the_same(values: list[float]) -> None:
     assert as_numbers.tolist() == pytest.approx(values)
 
 
+@pytest.mark.slow
 @given(
     st.lists(finite, min_size=1, max_size=20),
     st.sampled_from(["nan", "NaN", "inf", "-Infinity", "1e309", "-1e400"]),
@@ -62,6 +64,7 @@ def test_non_finite_values_are_refused(values: list[float], bad: str, position: 
         type_columns(frame_from_rows(["v"], [[c] for c in cells]), None)
 
 
+@pytest.mark.slow
 @given(st.lists(st.integers(min_value=-(2**40), max_value=2**40), min_size=1, max_size=20))
 def test_whole_numbers_without_gaps_are_int64(values: list[int]) -> None:
     column = type_columns(frame_from_rows(["v"], [[v] for v in values]), None).frame["v"]

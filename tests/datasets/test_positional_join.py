@@ -76,6 +76,7 @@ def _match(left: list[str | None], right: list[str | None], left_hash: str, righ
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(VALUES, unique=True, max_size=20), st.lists(VALUES, unique=True, min_size=1, max_size=20))
 def test_positions_are_pandas_matches(left: list[str | None], right: list[str | None]) -> None:
@@ -84,6 +85,7 @@ def test_positions_are_pandas_matches(left: list[str | None], right: list[str | 
     assert positions.tolist() == _expected(left, right)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(VALUES, unique=True, max_size=20),

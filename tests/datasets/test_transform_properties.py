@@ -52,6 +52,7 @@ def test_minmax_lands_in_range_and_hits_both_ends(data: list[float], feature_ran
     assert fitted[0].model_dump()["params"]["v"] == {"min": min(data), "max": max(data)}
 
 
+@pytest.mark.slow
 @given(values, st.sampled_from(["minmax", "standard"]), values)
 def test_stored_parameters_reproduce_the_transform_on_new_rows(
     data: list[float], method: Literal["minmax", "standard"], new_rows: list[float]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -69,6 +70,7 @@ def _db_upgrade(database_url: str, data_dir: Path) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_centroid_db_upgrade_is_idempotent(database_url: str, tmp_path: Path) -> None:
     first = _db_upgrade(database_url, tmp_path / "data")
     assert first.returncode == 0, first.stderr

@@ -8,13 +8,16 @@ import argparse
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from dotenv import dotenv_values
 from pydantic import AliasChoices
+from sqlalchemy.engine import make_url
 
 from service.cli import build_parser
 from service.settings import Settings
@@ -184,7 +187,7 @@ def test_the_api_serves_on_all_interfaces_without_an_embedded_worker(services: d
     assert args.host == "0.0.0.0"
     assert args.no_worker, "training belongs to the worker containers"
     # Several API processes behind one port, spelled with the real flag (not an abbreviation).
-    assert args.workers == 2
+    assert args.workers > 1
     flags = [part for part in argv if part.startswith("--")]
     assert "--workers" in flags and set(flags) <= _option_strings("serve"), flags
     assert _published(services["api"]) == {args.port: 8000}
@@ -195,7 +198,7 @@ def test_the_api_serves_on_all_interfaces_without_an_embedded_worker(services: d
 def test_two_worker_replicas(services: dict[str, dict[str, Any]]) -> None:
     worker = services["worker"]
     assert _parse_centroid(_command(worker)).command == "worker"
-    assert worker["deploy"]["replicas"] == 2
+    assert worker["deploy"]["replicas"] > 1, "the compose file shows a team's topology: workers scale out"
     assert "ports" not in worker, "replicas cannot share a published port, and workers serve nothing"
     # The heartbeat check reads the table the worker writes.
     assert "FROM workers" in _healthcheck_text(worker) and "heartbeat_at" in _healthcheck_text(worker)
@@ -229,11 +232,17 @@ def test_the_api_and_worker_environment_loads_as_settings(
     variables = {key: value or "" for key, value in dotenv_values(ENV_EXAMPLE).items()}
     for name in CENTROID_SERVICES:
         settings = _settings_from(_container_env(services[name], variables), monkeypatch)
-        url = settings.resolved_database_url
-        assert url == f"postgresql+psycopg://centroid:{variables['POSTGRES_PASSWORD']}@postgres:5432/centroid"
-        postgres_env = _environment(services["postgres"])
-        assert postgres_env["POSTGRES_USER"] == "centroid" and postgres_env["POSTGRES_DB"] == "centroid"
-        assert "${POSTGRES_PASSWORD" in postgres_env["POSTGRES_PASSWORD"]
+        # The URL the service connects with names the user, password and database the postgres
+        # container creates, and the postgres service by its compose name.
+        url = make_url(settings.resolved_database_url)
+        postgres_env = _container_env(services["postgres"], variables)
+        assert url.get_backend_name() == "postgresql" and url.host == "postgres" and (url.port or 5432) == 5432
+        assert (url.username, url.password, url.database) == (
+            postgres_env["POSTGRES_USER"],
+            postgres_env["POSTGRES_PASSWORD"],
+            postgres_env["POSTGRES_DB"],
+        )
+        assert "${POSTGRES_PASSWORD" in _environment(services["postgres"])["POSTGRES_PASSWORD"], "from .env"
         # The sagemaker emulator is opt-in: the base file never points anything at it.
         assert settings.aws_endpoint_url is None
 
@@ -269,7 +278,6 @@ def test_healthchecks_and_startup_order(services: dict[str, dict[str, Any]]) -> 
         if name != "moto-setup":  # a one-shot job, not a long-running service
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert "pg_isready" in _healthcheck_text(services["postgres"])
-    assert services["postgres"]["image"] == "postgres:15"
     for name in CENTROID_SERVICES:
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
         assert "profiles" not in services[name]
@@ -282,9 +290,7 @@ def test_the_aws_emulator_profile_is_optional_and_consistent(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     moto = services["moto"]
-    assert moto["image"].startswith("motoserver/moto")
     assert moto["profiles"] == ["aws-emulator"] and services["moto-setup"]["profiles"] == ["aws-emulator"]
-    assert _published(moto) == {5000: 5000}
     assert services["moto-setup"]["depends_on"]["moto"]["condition"] == "service_healthy"
     assert _env_files(services["moto-setup"]) == [EMULATOR_ENV]
 
@@ -295,7 +301,9 @@ def test_the_aws_emulator_profile_is_optional_and_consistent(
         assert _env_files(override[name]) == [EMULATOR_ENV]
         merged = {**services[name], "env_file": services[name]["env_file"] + override[name]["env_file"]}
         settings = _settings_from(_container_env(merged, variables), monkeypatch)
-        assert settings.aws_endpoint_url == "http://moto:5000"  # the moto service's container port
+        # The endpoint is the moto service, by its compose name, on the port its container listens on.
+        endpoint = urlsplit(settings.aws_endpoint_url or "")
+        assert endpoint.hostname == "moto" and endpoint.port in _published(moto), endpoint
         assert settings.aws_region and settings.s3_bucket and settings.sagemaker_role_arn
 
     emulator = dotenv_values(EMULATOR_ENV)
@@ -308,7 +316,6 @@ def test_the_aws_emulator_profile_is_optional_and_consistent(
 def test_env_example_parses_and_holds_only_placeholders(monkeypatch: pytest.MonkeyPatch) -> None:
     values = {key: value or "" for key, value in dotenv_values(ENV_EXAMPLE).items()}
     assert set(values) >= {"POSTGRES_PASSWORD", "CENTROID_API_KEYS"}
-    assert values["POSTGRES_PASSWORD"] == "change-me"
     assert json.loads(values["CENTROID_API_KEYS"]) == []
     settings = _settings_from({"CENTROID_API_KEYS": values["CENTROID_API_KEYS"]}, monkeypatch)
     assert settings.api_keys == []
@@ -336,7 +343,14 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 def test_the_image_is_slim_non_root_and_healthchecked() -> None:
     instructions = _instructions(DOCKERFILE)
     final_stage = instructions[max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM") :]
-    assert final_stage[0][1].startswith("python:3.11-slim")
+    # A slim Python image of a version the package supports.
+    image = final_stage[0][1].split()[0]
+    match = re.fullmatch(r"python:(\d+)\.(\d+)-slim(-\w+)?", image)
+    assert match, image
+    minimum = re.search(
+        r"(\d+)\.(\d+)", tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    )
+    assert minimum and (int(match[1]), int(match[2])) >= (int(minimum[1]), int(minimum[2])), image
 
     users = [value for keyword, value in final_stage if keyword == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the container must not run as root"

@@ -114,7 +114,9 @@ def test_the_workshop_end_to_end(api: httpx.Client) -> None:
         assert by_state[state]["closest_cluster"] == int(np.argmin(row_distances))
         assert by_state[state]["distance_to_cluster"] == pytest.approx(row_distances.min(), rel=1e-6)
 
-    engine = WebScaleKMeans(KMeansHyperparameters.from_mapping({**HYPERPARAMETERS, "feature_dim": 5})).fit(matrix)
+    engine = WebScaleKMeans.from_hyperparameters(
+        KMeansHyperparameters.from_mapping({**HYPERPARAMETERS, "feature_dim": 5})
+    ).fit(matrix)
     np.testing.assert_array_equal(engine.cluster_centers_, centroids.astype(np.float32))
 
     msd = float(np.mean(np.min(distances, axis=1) ** 2))

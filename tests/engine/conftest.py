@@ -7,24 +7,13 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from sklearn.datasets import make_blobs
 
+from service.sample_data import workshop_matrix as load_workshop_matrix
+
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_DATA = REPO / "service" / "sample_data"
-ARTIFACT = Path(__file__).resolve().parent / "data" / "kmeans-k10-d2-model.tar.gz"
-WORKSHOP_FEATURES = ["Murder", "Assault", "UrbanPop", "Rape", "DensityPerMile"]
-
-
-def load_workshop_matrix() -> np.ndarray:
-    """The workshop's 50 x 5 float32 matrix: density scaled to [-1, 1], joined with crimes."""
-    crimes = pd.read_csv(SAMPLE_DATA / "crimes.csv")
-    densities = pd.read_csv(SAMPLE_DATA / "densities.csv")
-    density = densities["DensityPerMile"].astype(float)
-    densities["DensityPerMile"] = np.interp(density, (density.min(), density.max()), (-1, 1))
-    joined = crimes.merge(densities, on="State", how="inner")
-    return joined[WORKSHOP_FEATURES].to_numpy(dtype=np.float32)
+ARTIFACT = REPO / "tests" / "data" / "kmeans-k10-d2-model.tar.gz"  # written by SageMaker's KMeans
 
 
 @pytest.fixture(scope="session")

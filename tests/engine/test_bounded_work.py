@@ -113,7 +113,7 @@ def test_fit_stops_during_the_reduction_with_every_point_processed() -> None:
         nonlocal done
         done = points
 
-    model = WebScaleKMeans(hp)
+    model = WebScaleKMeans.from_hyperparameters(hp)
     with pytest.raises(TrainingStopped) as caught:
         model.fit(X, progress=progress, should_stop=lambda: done == 4000)
     assert caught.value.points_processed == 4000
@@ -123,7 +123,7 @@ def test_fit_stops_during_the_reduction_with_every_point_processed() -> None:
 def test_one_big_mini_batch_is_searched_in_slices_with_checks_between(monkeypatch: pytest.MonkeyPatch) -> None:
     X = np.random.default_rng(0).normal(size=(5000, 3))
     hp = KMeansHyperparameters(k=50, feature_dim=3, mini_batch_size=5000, seed=0)
-    reference = WebScaleKMeans(hp).fit(X)
+    reference = WebScaleKMeans.from_hyperparameters(hp).fit(X)
 
     monkeypatch.setattr(webscale, "WORK_PER_CHECK", 500 * 3 * 500)  # 500 local centers: 500-row slices
     checks = 0
@@ -133,7 +133,7 @@ def test_one_big_mini_batch_is_searched_in_slices_with_checks_between(monkeypatc
         checks += 1
         return False
 
-    sliced = WebScaleKMeans(hp).fit(X, should_stop=should_stop)
+    sliced = WebScaleKMeans.from_hyperparameters(hp).fit(X, should_stop=should_stop)
     # one batch: a check before it, 9 between its 10 slices; the evaluation pass: the same again
     # (50 final centers: one slice); plus one check before the reduction trials.
     assert checks >= 10
@@ -151,7 +151,9 @@ def test_a_stop_inside_a_big_mini_batch_leaves_the_estimator_unfitted(monkeypatc
         checks += 1
         return checks == 3  # the batch's first check passed, then the second slice boundary
 
-    model = WebScaleKMeans(KMeansHyperparameters(k=50, feature_dim=3, mini_batch_size=5000, seed=0))
+    model = WebScaleKMeans.from_hyperparameters(
+        KMeansHyperparameters(k=50, feature_dim=3, mini_batch_size=5000, seed=0)
+    )
     with pytest.raises(TrainingStopped) as caught:
         model.fit(X, should_stop=should_stop)
     assert caught.value.points_processed == 0

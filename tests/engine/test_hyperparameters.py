@@ -447,10 +447,10 @@ def test_eval_metrics_choose_the_reported_metrics(eval_metrics: str, names: list
 
     X, _ = make_blobs(n_samples=600, centers=4, n_features=3, random_state=3)
     hp = KMeansHyperparameters.from_mapping({"k": 4, "feature_dim": 3, "seed": 1, "eval_metrics": eval_metrics})
-    model = WebScaleKMeans(hp).fit(X, test=X[:100])
+    model = WebScaleKMeans.from_hyperparameters(hp).fit(X, test=X[:100])
     reported = model.metrics_.reported(hp.eval_metrics)
     assert list(reported) == names
-    without_test = WebScaleKMeans(hp).fit(X).metrics_.reported(hp.eval_metrics)
+    without_test = WebScaleKMeans.from_hyperparameters(hp).fit(X).metrics_.reported(hp.eval_metrics)
     assert list(without_test) == [name for name in names if not name.startswith("test:")]
     # SageMaker's train:msd: the local centers' weighted mean squared distance to the final centers
     _, distances = pairwise_distances_argmin_min(model.local_centers_, model.cluster_centers_.astype(np.float64))

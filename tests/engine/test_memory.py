@@ -23,11 +23,11 @@ _MEASURE = textwrap.dedent(
     hp = KMeansHyperparameters(k=5, feature_dim=5, mini_batch_size=5000, seed=0)
     # Warm up on a small file: one-off costs (BLAS buffers, Arrow thread pools and allocator
     # arenas) are not what this test is about; growth with the data is.
-    WebScaleKMeans(hp).fit(ParquetBatchSource(sys.argv[2]))
+    WebScaleKMeans.from_hyperparameters(hp).fit(ParquetBatchSource(sys.argv[2]))
     source = ParquetBatchSource(sys.argv[1])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tracemalloc.start()
-    model = WebScaleKMeans(hp).fit(source)
+    model = WebScaleKMeans.from_hyperparameters(hp).fit(source)
     _, traced_peak = tracemalloc.get_traced_memory()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"rss_growth": after - before, "traced_peak": traced_peak,

@@ -195,7 +195,7 @@ def test_model_and_state_round_trip(k: int, d: int, factor: int, data: st.DataOb
 
 
 def test_a_fitted_models_state_is_exported(workshop_matrix: np.ndarray) -> None:
-    model = WebScaleKMeans(KMeansHyperparameters(k=10, feature_dim=5, seed=3)).fit(workshop_matrix)
+    model = WebScaleKMeans.from_hyperparameters(KMeansHyperparameters(k=10, feature_dim=5, seed=3)).fit(workshop_matrix)
     archive = write_model_tar(model.cluster_centers_, model.state_)
     state = read_model_state(archive)
     assert state is not None and state.centers.shape == (50, 5)  # K = min(10 x 10, 50 rows)
@@ -409,6 +409,7 @@ def test_random_legacy_headers_never_crash(count: int, ndim: int, dims: list[int
         read_ndarray_list(_header(count) + array * count + tail)
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(
     count=st.integers(0, 3),

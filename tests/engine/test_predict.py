@@ -66,6 +66,7 @@ def test_huge_values_fall_back_to_float64() -> None:
     np.testing.assert_array_equal(result.closest_cluster, [0, 1])
 
 
+@pytest.mark.slow
 def test_large_inputs_are_chunked() -> None:
     rng = np.random.default_rng(3)
     X, centers = (
@@ -84,6 +85,7 @@ def test_integer_data_with_many_exact_ties() -> None:
     np.testing.assert_array_equal(labels, squared.argmin(axis=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["integers", "offset", "heavy-tailed", "near-duplicates"])
 def test_labels_are_the_exact_float64_argmin_whatever_the_threads(kind: str) -> None:
     """The float32 fast pass plus exact re-decision equals a float64 argmin of ‖x − c‖² (first

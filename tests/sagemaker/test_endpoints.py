@@ -395,5 +395,5 @@ def test_unconfigured_backend_is_listed_and_refused(settings: Settings, aws: Fak
         blobs = upload_csv(client, "blobs", BLOBS_CSV, "id")
         model = trained_model(client, blobs["id"])
         response = client.post("/endpoints", json={"name": "ep", "model_id": model["id"], "backend": "sagemaker"})
-        assert_error(response, 400, "invalid_input", "missing settings: CENTROID_AWS_REGION")
+        assert_error(response, 409, "not_configured", "missing settings: CENTROID_AWS_REGION")
         assert client.get("/endpoints").json()["total"] == 0

@@ -269,7 +269,7 @@ def test_request_shapes_are_checked(sm_client: TestClient, aws: FakeSageMaker) -
 def test_without_a_region_s3_datasets_are_refused_before_any_call(settings: Settings) -> None:
     with TestClient(create_app(settings)) as client:
         response = client.post("/datasets/s3", json={"name": "x", "uri": "s3://some-bucket/data/"})
-    assert_error(response, 400, "invalid_input", "CENTROID_AWS_REGION")
+    assert_error(response, 409, "not_configured", "CENTROID_AWS_REGION")
 
 
 def test_access_denied_is_said_plainly(sm_client: TestClient, aws: FakeSageMaker) -> None:

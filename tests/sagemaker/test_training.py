@@ -219,15 +219,15 @@ def test_polling_backs_off_up_to_the_setting(sm_client: TestClient, aws: FakeSag
     assert [backend._poll_delay(n) for n in range(5)] == [2.0, 4.0, 8.0, 15.0, 15.0]
 
 
-def test_role_missing_is_a_400_at_creation(settings: Settings, aws: FakeSageMaker, moto_url: str) -> None:
+def test_role_missing_is_a_409_at_creation(settings: Settings, aws: FakeSageMaker, moto_url: str) -> None:
     partial = settings.model_copy(update={"aws_region": "us-east-1", "s3_bucket": BUCKET, "aws_endpoint_url": moto_url})
     with TestClient(create_app(partial)) as client:
         dataset = upload_csv(client, "blobs", BLOBS_CSV, "id")
         body = {"name": "j", "train_dataset_id": dataset["id"], "backend": "sagemaker", "hyperparameters": {"k": 3}}
         assert_error(
             client.post("/training-jobs", json=body),
-            400,
-            "invalid_input",
+            409,
+            "not_configured",
             "backend 'sagemaker' is not configured: missing settings: CENTROID_SAGEMAKER_ROLE_ARN",
         )
         assert client.get("/training-jobs").json()["total"] == 0

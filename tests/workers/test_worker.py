@@ -83,6 +83,7 @@ def test_each_job_is_claimed_by_exactly_one_worker(app_client: TestClient) -> No
     assert all(len(owners) == 1 for owners in claims.values())
 
 
+@pytest.mark.slow
 def test_an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_write(app_client: TestClient) -> None:
     dataset = upload_csv(app_client, "blobs", BLOBS_CSV, "id")
     start_job(app_client, "j", dataset["id"])
@@ -224,6 +225,7 @@ def test_metrics_count_only_live_workers_after_a_shutdown_that_timed_out(app_cli
     assert "centroid_workers 1.0" in app_client.get("/metrics").text
 
 
+@pytest.mark.slow
 def test_a_training_worker_keeps_its_row_fresh(app_client: TestClient) -> None:
     """A long training must not make its own worker look dead: the heartbeat thread keeps it fresh."""
     from service.db.tables import WorkerTable
@@ -298,6 +300,7 @@ def slow_remote(app_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Slow
     return remote
 
 
+@pytest.mark.slow
 def test_a_remote_step_longer_than_the_lease_keeps_it(app_client: TestClient, slow_remote: SlowRemote) -> None:
     state = centroid(app_client)
     first, second = Worker(state, worker_id="first"), Worker(state, worker_id="second")
@@ -337,6 +340,7 @@ def test_a_remote_step_that_lost_its_lease_writes_nothing(app_client: TestClient
         assert (row.lease_owner, row.status, row.status_message) == ("thief", "InProgress", "waiting for a worker")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interruption", ["stop", "shutdown"])
 def test_a_remote_step_is_abandoned_on_stop_or_shutdown(
     app_client: TestClient, slow_remote: SlowRemote, interruption: str
