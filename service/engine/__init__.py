@@ -24,6 +24,7 @@ from service.engine.mxnet_format import (
 )
 from service.engine.predict import CenterIndex, Prediction, as_feature_matrix, predict
 from service.engine.sources import ArrayBatchSource, BatchSource, ParquetBatchSource
+from service.engine.sweep import KResult, Recommendation, SweepResult, recommend_k, sweep
 from service.engine.webscale import WebScaleKMeans, evaluate, reduce_centers
 
 ENGINE_VERSION = "1.0.0"
@@ -36,6 +37,7 @@ __all__ = [
     "EngineInputError",
     "HyperparameterError",
     "KMeansHyperparameters",
+    "KResult",
     "ModelFormatError",
     "ModelState",
     "NDArrayHeader",
@@ -43,6 +45,8 @@ __all__ = [
     "ParameterProblem",
     "ParquetBatchSource",
     "Prediction",
+    "Recommendation",
+    "SweepResult",
     "TrainingMetrics",
     "TrainingStopped",
     "WebScaleKMeans",
@@ -52,7 +56,9 @@ __all__ = [
     "read_model_state",
     "read_model_tar",
     "read_ndarray_list",
+    "recommend_k",
     "reduce_centers",
+    "sweep",
     "write_model_tar",
     "write_ndarray_list",
 ]

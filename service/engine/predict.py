@@ -26,7 +26,7 @@ from service.engine.sources import check_finite
 
 _CHUNK_ELEMENTS = 1 << 21  # rows x centers per chunk: bounds the temporary distance matrices
 _DIRECT_ELEMENTS = 1 << 12  # rows x centers x features up to which distances are computed exactly at once
-_SAFETY = 8.0  # scales the ambiguity tolerance, see _Ranker
+_SAFETY = 8.0  # scales the ambiguity tolerance, see Ranker
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,12 @@ class CenterIndex:
         self._origin = self.centers.mean(axis=0) if origin is None else origin
         shifted = self.centers - self._origin
         self._center_scale = float(np.abs(shifted).max(initial=0.0))
-        self._fast = _Ranker(shifted, np.float32)
+        self._fast = Ranker(shifted, np.float32)
 
     @cached_property
-    def _precise(self) -> _Ranker:
+    def _precise(self) -> Ranker:
         """A float64 fast pass, for values too large for float32."""
-        return _Ranker(self.centers - self._origin, np.float64)
+        return Ranker(self.centers - self._origin, np.float64)
 
     def predict(self, X: np.ndarray) -> Prediction:
         """Closest center and Euclidean distance for each row of the finite float64 matrix ``X``."""
@@ -101,39 +101,53 @@ class CenterIndex:
         if scale >= ranker.max_scale:
             raise EngineInputError("values are too large to compute squared distances")
         scores, x_sq = ranker.scores(shifted)
-        rows = np.arange(len(X))
-        labels = scores.argmin(axis=1)
-        best = scores[rows, labels].astype(np.float64)
-        scores[rows, labels] = np.inf
-        tolerance = ranker.gamma * (3.0 * x_sq + 2.0 * np.maximum(best + x_sq, 0.0))
-        ambiguous = np.flatnonzero(scores.min(axis=1) - best <= tolerance)
-        if ambiguous.size:
-            self._refine(X, scores, labels, best + tolerance, ambiguous)
-        return labels
-
-    def _refine(
-        self,
-        X: np.ndarray,
-        scores: np.ndarray,
-        labels: np.ndarray,
-        bound: np.ndarray,
-        rows: np.ndarray,
-    ) -> None:
-        """Re-decide ``rows`` exactly among the candidates whose fast score is within ``bound``."""
-        step = max(1, _CHUNK_ELEMENTS // (len(self.centers) * X.shape[1]))
-        for start in range(0, len(rows), step):
-            part = rows[start : start + step]
-            mask = scores[part] <= bound[part, None]
-            mask[np.arange(len(part)), labels[part]] = True
-            pair_row, pair_center = np.nonzero(mask)  # ordered by row, then center index
-            diff = X[part[pair_row]] - self.centers[pair_center]
-            distance = np.einsum("ij,ij->i", diff, diff)
-            order = np.lexsort((distance, pair_row))  # stable: equal distances keep center order
-            first = order[np.r_[True, pair_row[order][1:] != pair_row[order][:-1]]]
-            labels[part[pair_row[first]]] = pair_center[first]
+        return decide_nearest(X, self.centers, scores, x_sq, ranker.gamma)
 
 
-class _Ranker:
+def decide_nearest(
+    X: np.ndarray, centers: np.ndarray, scores: np.ndarray, x_sq: np.ndarray, gamma: float
+) -> np.ndarray:
+    """The exact nearest of ``centers`` for each row of ``X``, from the fast pass's ``scores``.
+
+    ``scores`` (rows x centers, may be a column slice of a wider matrix: it is overwritten) are a
+    ranker's ``‖c‖² − 2x·c`` for these centers, ``x_sq`` its ``‖x‖²`` and ``gamma`` its rounding
+    scale. Rows whose best two candidates are within the rounding bound are re-decided in
+    float64 (see the module docstring), so the labels are the exact argmin, first on ties.
+    """
+    rows = np.arange(len(X))
+    labels = scores.argmin(axis=1)
+    best = scores[rows, labels].astype(np.float64)
+    scores[rows, labels] = np.inf
+    tolerance = gamma * (3.0 * x_sq + 2.0 * np.maximum(best + x_sq, 0.0))
+    ambiguous = np.flatnonzero(scores.min(axis=1) - best <= tolerance)
+    if ambiguous.size:
+        refine(X, centers, scores, labels, best + tolerance, ambiguous)
+    return labels
+
+
+def refine(
+    X: np.ndarray,
+    centers: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    bound: np.ndarray,
+    rows: np.ndarray,
+) -> None:
+    """Re-decide ``rows`` exactly among the candidates whose fast score is within ``bound``."""
+    step = max(1, _CHUNK_ELEMENTS // (len(centers) * X.shape[1]))
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        mask = scores[part] <= bound[part, None]
+        mask[np.arange(len(part)), labels[part]] = True
+        pair_row, pair_center = np.nonzero(mask)  # ordered by row, then center index
+        diff = X[part[pair_row]] - centers[pair_center]
+        distance = np.einsum("ij,ij->i", diff, diff)
+        order = np.lexsort((distance, pair_row))  # stable: equal distances keep center order
+        first = order[np.r_[True, pair_row[order][1:] != pair_row[order][:-1]]]
+        labels[part[pair_row[first]]] = pair_center[first]
+
+
+class Ranker:
     """The fast pass in one float dtype: ``‖c‖² − 2x·c`` scores plus their rounding-error scale.
 
     The scores come from a single matrix product of ``[x, 1]`` with ``[−2c, ‖c‖²]``: no extra
