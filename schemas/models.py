@@ -20,7 +20,9 @@ class ModelListItem(BaseModel):
 
     id: str = Field(examples=["mdl-1c9a7f0e2b3d4a5c6e7f"])
     name: str = Field(examples=["workshop-k10"])
-    source: Literal["training", "import"] = Field(description="Registered by a training job, or imported.")
+    source: Literal["training", "import", "sweep"] = Field(
+        description="Registered by a training job, imported, or registered from one k of a sweep."
+    )
     training_job_name: str | None = Field(description="The job that trained it.")
     train_dataset_id: str | None = Field(description="The dataset it was trained on.")
     key_column: str | None = Field(description="Key column of the training dataset.", examples=["State"])

@@ -25,6 +25,7 @@ from service.openapi import build_openapi
 from service.operations import router as operations_router
 from service.settings import Settings, get_settings
 from service.state import build_core, start_up
+from service.sweeps import router as sweeps_router
 from workers.worker import EmbeddedWorker
 
 log = logging.getLogger("centroid")
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets_router.router)
     app.include_router(datasets_router.tasks_router)
     app.include_router(jobs_router.router)
+    app.include_router(sweeps_router.router)
     app.include_router(operations_router.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

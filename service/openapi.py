@@ -92,6 +92,14 @@ def _dataset_links(source: str, status: str, what: str) -> list[Link]:
             body={"train_dataset_id": "$response.body#/id"},
             description=f"Train k-means on {what.lower()}",
         ),
+        Link(
+            source,
+            status,
+            "SweepOnDataset",
+            "POST /sweeps",
+            body={"train_dataset_id": "$response.body#/id"},
+            description=f"Train every k of a range on {what.lower()}, to choose k",
+        ),
     ]
 
 
@@ -136,6 +144,16 @@ def _job_links(source: str, status: str) -> list[Link]:
     ]
 
 
+def _sweep_links(source: str, status: str) -> list[Link]:
+    parameters = {"name": "$response.body#/name"}
+    return [
+        Link(source, status, "GetSweep", "GET /sweeps/{name}", parameters),
+        Link(source, status, "StopSweep", "POST /sweeps/{name}/stop", parameters),
+        Link(source, status, "DeleteSweep", "DELETE /sweeps/{name}", parameters),
+        Link(source, status, "RegisterSweepModel", "POST /sweeps/{name}/models", parameters),
+    ]
+
+
 #: The workflow: upload → derive → train → the job's model → deploy → predict, and the reads on the way.
 LINKS: tuple[Link, ...] = (
     *_dataset_links("POST /datasets", "201", "The new dataset"),
@@ -152,6 +170,8 @@ LINKS: tuple[Link, ...] = (
         description="The dataset the task made, once `Completed`",
     ),
     *_job_links("POST /training-jobs", "202"),
+    *_sweep_links("POST /sweeps", "202"),
+    *_model_links("POST /sweeps/{name}/models", "201", "$response.body#/id"),
     *_model_links("GET /training-jobs/{name}", "200", "$response.body#/model_id"),
     *_model_links("POST /models/import", "201", "$response.body#/id"),
     Link("POST /models/import", "201", "DeleteModel", "DELETE /models/{model_id}", _MODEL_ID),

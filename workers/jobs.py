@@ -11,9 +11,9 @@
   its lease instead of being claimed and uploaded again by another worker; the upload is
   abandoned when the lease is lost, the job stopped or the worker shutting down (then the job
   is released, as a local training is).
-* A stop request is noticed within :data:`STOP_POLL_SECONDS` (at once when the request was made
-  in this process or announced by PostgreSQL NOTIFY), and the engine honours it within a fraction
-  of a second wherever it is (streaming, reduction, evaluation).
+* A stop request is noticed within :data:`workers.leases.STOP_POLL_SECONDS` (at once when the
+  request was made in this process or announced by PostgreSQL NOTIFY), and the engine honours it
+  within a fraction of a second wherever it is (streaming, reduction, evaluation).
 * On shutdown a running training stops the same way; the job is then released back to Pending
   for another worker, not marked Stopped.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from datetime import timedelta
 from typing import Any
 
 import pyarrow.fs as pa_fs
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.backends.base import Backend, TrainingSpec, TrainingUpdate
@@ -45,10 +44,10 @@ from service.jobs.service import transition
 from service.models.service import ModelService
 from service.state import CoreState
 from service.statuses import JobStatus, SecondaryStatus
+from workers.leases import hold_lease
 
 log = logging.getLogger("centroid.worker")
 MAX_ATTEMPTS = 3
-STOP_POLL_SECONDS = 0.5  # how often a running job's stop flag is read (besides wake-ups)
 
 
 @dataclass
@@ -188,36 +187,16 @@ class TrainingDriver:
         return owned
 
     def _heartbeat(self, running: _RunningJob) -> None:
-        """Extend the lease (and write progress) every lease/3 (at most 5 s); read the stop flag
-        every STOP_POLL_SECONDS, and at once when woken (a stop made here or NOTIFYed)."""
-        interval = max(min(self.settings.lease_seconds / 3, 5.0), 0.05)
-        stop_poll = min(interval, STOP_POLL_SECONDS)
-        next_lease = time.monotonic() + interval
-        while True:
-            running.poke.wait(stop_poll)
-            running.poke.clear()
-            if running.finished.is_set():
-                return
-            try:
-                with self.db.session() as session:
-                    repository = JobRepository(session)
-                    running.stop_requested = running.stop_requested or repository.stop_requested(running.name)
-                    if time.monotonic() < next_lease:
-                        continue
-                    owned = repository.heartbeat(
-                        running.name,
-                        self.worker_id,
-                        self.settings.lease_seconds,
-                        {"points_processed": running.points_processed} if running.reports_progress else {},
-                    )
-                next_lease = time.monotonic() + interval
-                self._presence()
-            except SQLAlchemyError as exc:
-                log.warning("heartbeat failed (will retry): %s", type(exc).__name__)
-                continue
-            if not owned:
-                running.lease_lost = True
-                return
+        """Hold the job's lease while it trains (see :func:`workers.leases.hold_lease`)."""
+        hold_lease(
+            self.db,
+            JobRepository,
+            running,
+            self.worker_id,
+            self.settings.lease_seconds,
+            progress=lambda: {"points_processed": running.points_processed} if running.reports_progress else {},
+            presence=self._presence,
+        )
 
     def _release(self, job: TrainingJobTable) -> None:
         """Give a job back (shutdown mid-training): Pending again, for any worker."""

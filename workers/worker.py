@@ -1,12 +1,12 @@
 """The background worker: claim work from the database, drive a backend, write the outcome.
 
 A worker holds no state the database does not also hold, so it can be killed at any moment. It
-runs three loops, each with a driver of its own: training jobs (:mod:`workers.jobs`) in the
-calling thread, endpoint changes (:mod:`workers.endpoints`) and dataset tasks (background uploads
-and derives, :mod:`workers.dataset_tasks`) in threads, so an endpoint comes into service (or a
-derive runs) while a long training runs. All are woken by the same announcements (work announced
-in this process, and PostgreSQL NOTIFY); each claims under its own lease. Every loop heartbeats the
-worker's row (:mod:`workers.presence`).
+runs three loops, each with a driver of its own: training jobs (:mod:`workers.jobs`) and sweeps
+(:mod:`workers.sweeps`) in the calling thread, endpoint changes (:mod:`workers.endpoints`) and
+dataset tasks (background uploads and derives, :mod:`workers.dataset_tasks`) in threads, so an
+endpoint comes into service (or a derive runs) while a long training runs. All are woken by the
+same announcements (work announced in this process, and PostgreSQL NOTIFY); each claims under its
+own lease. Every loop heartbeats the worker's row (:mod:`workers.presence`).
 
 SIGTERM (:meth:`Worker.request_shutdown`) makes a running training stop; its job is released back
 to Pending for another worker, not marked Stopped. The worker process loads no web framework: it is
@@ -31,6 +31,7 @@ from workers.dataset_tasks import DatasetTaskDriver
 from workers.endpoints import EndpointDriver
 from workers.jobs import MAX_ATTEMPTS, TrainingDriver
 from workers.presence import WorkerPresence
+from workers.sweeps import SweepDriver
 
 __all__ = ["MAX_ATTEMPTS", "EmbeddedWorker", "Worker", "new_worker_id"]
 
@@ -80,11 +81,15 @@ class Worker:
         self._task_wakeup = threading.Event()
         self.wakeup.attach(self._task_wakeup)
         self.presence = WorkerPresence(
-            state.database, self.id, self.settings.resolved_worker_expiry_seconds, lambda: self.jobs.current_job
+            state.database,
+            self.id,
+            self.settings.resolved_worker_expiry_seconds,
+            lambda: self.jobs.current_job or self.sweeps.current,
         )
         self.jobs = TrainingDriver(
             state, self.id, self._backend_names, self.presence.heartbeat, self.stopping, self.wakeup
         )
+        self.sweeps = SweepDriver(state, self.id, self._backend_names, self.stopping, self.wakeup)
         self.endpoints = EndpointDriver(state, self.id, self._backend_names)
         self.dataset_tasks = DatasetTaskDriver(state, self.id, self.presence.heartbeat)
         local_wakeups.register(self.wakeup)
@@ -115,7 +120,7 @@ class Worker:
         for loop in loops:
             loop.start()
         try:
-            self._loop(self.jobs.step, self.wakeup, "jobs")
+            self._loop(self._training_step, self.wakeup, "jobs")
         finally:
             self.stopping.set()
             self._endpoint_wakeup.set()
@@ -128,6 +133,10 @@ class Worker:
             local_wakeups.unregister(self.wakeup)
             self.presence.unregister()
         log.info("worker stopped", extra={"worker_id": self.id})
+
+    def _training_step(self) -> bool:
+        """One training job, or else one sweep: both train in this thread, one at a time."""
+        return self.jobs.step() or self.sweeps.step()
 
     def request_shutdown(self) -> None:
         self.stopping.set()
@@ -158,13 +167,14 @@ class Worker:
                 wakeup.wait(self.settings.worker_poll_interval)
 
     def run_once(self) -> bool:
-        """Handle at most one job, one endpoint and one dataset task, in this thread; True if there
+        """Handle at most one job, one sweep, one endpoint and one dataset task, in this thread; True if there
         was anything to do."""
         self.presence.heartbeat()
         did_job = self.jobs.step()
+        did_sweep = self.sweeps.step()
         did_endpoint = self.endpoints.step()
         did_task = self.dataset_tasks.step()
-        return did_job or did_endpoint or did_task
+        return did_job or did_sweep or did_endpoint or did_task
 
 
 class EmbeddedWorker:

@@ -35,6 +35,7 @@ from service.jobs.repository import JobRepository
 from service.media_types import media_type
 from service.models.repository import ModelRepository
 from service.request_bodies import parse_json, spool_body, spool_multipart, validate
+from service.sweeps.repository import SweepRepository
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 tasks_router = APIRouter(prefix="/dataset-tasks", tags=["datasets"])
@@ -172,14 +173,17 @@ def _used_by_models(session: Session, dataset_id: str) -> list[str]:
     return [f"model {model_id!r}" for model_id in ModelRepository(session).using_dataset(dataset_id)]
 
 
+def _used_by_sweeps(session: Session, dataset_id: str) -> list[str]:
+    return [f"sweep {name!r}" for name in SweepRepository(session).using_dataset(dataset_id)]
+
+
 def _used_by_tasks(session: Session, dataset_id: str) -> list[str]:
     return [f"dataset task {task_id!r}" for task_id in DatasetTaskRepository(session).active_using(dataset_id)]
 
 
 def dataset_service(session: Session = Depends(db_session), state: AppState = Depends(app_state)) -> DatasetService:
-    return build_dataset_service(
-        session, state.settings, state.store, usage_checks=(_used_by_jobs, _used_by_models, _used_by_tasks)
-    )
+    checks = (_used_by_jobs, _used_by_sweeps, _used_by_models, _used_by_tasks)
+    return build_dataset_service(session, state.settings, state.store, usage_checks=checks)
 
 
 DatasetServiceDep = Annotated[DatasetService, Depends(dataset_service)]

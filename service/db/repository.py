@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, delete, select
+from sqlalchemy import ColumnElement, Select, delete, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.interfaces import ORMOption
 
 from service.db import leases
-from service.db.pagination import paginate
 from service.db.session import rows_affected
 from service.db.tables import Base
 from service.db.types import utcnow
@@ -78,9 +77,20 @@ class Repository(Generic[RowT]):
     def listing(
         self, offset: int, limit: int, *where: ColumnElement[bool], options: Sequence[ORMOption] = ()
     ) -> tuple[list[RowT], int]:
-        """Rows ``offset`` .. ``offset + limit`` matching ``where``, in listing order, and how many match."""
-        query: Select[Any] = select(self.table).where(*where).options(*options)
-        return paginate(self.session, query, self.listing_order(), offset, limit)
+        """Rows ``offset`` .. ``offset + limit`` matching ``where``, in listing order, and how many match.
+
+        The count selects from the table itself, not from the page query, so it reads no column
+        (a model's centroids, a dataset's recipe) that ``options`` keeps out of the page."""
+        total = self.session.scalar(select(func.count()).select_from(self.table).where(*where)) or 0
+        query: Select[Any] = (
+            select(self.table)
+            .where(*where)
+            .options(*options)
+            .order_by(*self.listing_order())
+            .offset(offset)
+            .limit(limit)
+        )
+        return list(self.session.scalars(query).all()), total
 
     def page(self, offset: int, limit: int, status: str | None = None) -> tuple[list[RowT], int]:
         """A page of the listing, of rows in ``status`` when given."""

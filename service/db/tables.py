@@ -138,6 +138,36 @@ class TrainingJobTable(Base):
     model_id: Mapped[str | None] = mapped_column(String(40))
 
 
+class SweepTable(Base):
+    """A sweep: every k of a range trained from one pass (see service.engine.sweep), claimed by
+    one worker at a time under a lease like a training job."""
+
+    __tablename__ = "sweeps"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    status_message: Mapped[str | None] = mapped_column(Text)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    train_dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    test_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), index=True)
+    feature_columns: Mapped[list[Any]] = mapped_column()
+    k_values: Mapped[list[Any]] = mapped_column()
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column()  # of the largest k; each k replaces it
+    sample_size: Mapped[int] = mapped_column(Integer)
+    rows_processed: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per-k results, recommendation, local state
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    stop_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    next_poll_at: Mapped[datetime | None] = mapped_column()
+
+
 class ModelTable(Base):
     """A trained (or imported) k-means model: centroids plus everything needed to serve them."""
 

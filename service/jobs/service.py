@@ -113,7 +113,9 @@ class JobService:
             if missing:
                 raise deleted(missing[0]) from exc
             raise
-        hyperparameters = self._hyperparameters(request, train, test, features)
+        hyperparameters = self.hyperparameters_for(
+            request.hyperparameters.model_dump(exclude_none=True), train, test, features
+        )
         row = TrainingJobTable(
             name=request.name,
             backend=request.backend,
@@ -147,10 +149,12 @@ class JobService:
         work_committed()
         return row
 
-    def _hyperparameters(
-        self, request: TrainingJobCreate, train: DatasetTable, test: DatasetTable | None, features: list[str]
+    def hyperparameters_for(
+        self, raw: dict[str, Any], train: DatasetTable, test: DatasetTable | None, features: list[str]
     ) -> KMeansHyperparameters:
-        raw = request.hyperparameters.model_dump(exclude_none=True)
+        """``raw`` validated for training on ``train`` (and ``test``) with ``features``, within the
+        service's ceilings; 400 naming every problem."""
+        raw = {**raw}
         raw.setdefault("feature_dim", len(features))
         try:
             hyperparameters = KMeansHyperparameters.from_mapping(raw, ceilings=hyperparameter_ceilings(self.settings))

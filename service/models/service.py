@@ -52,6 +52,33 @@ def batch_rows(row_group_rows: int) -> int:
     return max(1, min(row_group_rows, PREDICT_BATCH_ROWS))
 
 
+def _trained_row(
+    model_id: str, name: str, source: str, dataset: DatasetTable, feature_names: list[str], trained: TrainedModel
+) -> ModelTable:
+    """The model row of a trained model (its artifact stored under :func:`artifact_key`)."""
+    return ModelTable(
+        id=model_id,
+        name=name,
+        source=source,
+        training_job_name=None,
+        train_dataset_id=dataset.id,
+        key_column=dataset.key_column,
+        feature_names=list(feature_names),
+        k=int(trained.centroids.shape[0]),
+        feature_dim=int(trained.centroids.shape[1]),
+        centroids=np.asarray(trained.centroids, dtype=np.float64).tolist(),
+        hyperparameters={},
+        recipe=dataset.recipe,
+        metrics=trained.metrics,
+        cluster_sizes=trained.cluster_sizes,
+        engine_version=trained.engine_version,
+        seed=trained.seed,
+        artifact_key=artifact_key(model_id),
+        artifact_sha256=hashlib.sha256(trained.artifact).hexdigest(),
+        artifact_size=len(trained.artifact),
+    )
+
+
 def artifact_key(model_id: str) -> str:
     return f"{MODEL_PREFIX}/{model_id}.tar.gz"
 
@@ -89,27 +116,8 @@ class ModelService:
         key = artifact_key(model_id)
         with self.store.staged(key) as staged:
             staged.path.write_bytes(trained.artifact)
-            row = ModelTable(
-                id=model_id,
-                name=job.name,
-                source="training",
-                training_job_name=job.name,
-                train_dataset_id=dataset.id,
-                key_column=dataset.key_column,
-                feature_names=list(job.feature_columns),
-                k=int(trained.centroids.shape[0]),
-                feature_dim=int(trained.centroids.shape[1]),
-                centroids=np.asarray(trained.centroids, dtype=np.float64).tolist(),
-                hyperparameters=job.hyperparameters,
-                recipe=dataset.recipe,
-                metrics=trained.metrics,
-                cluster_sizes=trained.cluster_sizes,
-                engine_version=trained.engine_version,
-                seed=trained.seed,
-                artifact_key=key,
-                artifact_sha256=hashlib.sha256(trained.artifact).hexdigest(),
-                artifact_size=len(trained.artifact),
-            )
+            row = _trained_row(model_id, job.name, "training", dataset, list(job.feature_columns), trained)
+            row.training_job_name, row.hyperparameters = job.name, job.hyperparameters
             self.models.add(row)
             owned = JobRepository(self.session).finish_with_model(job.name, worker_id, job_values, model_id)
             if not owned:
@@ -117,6 +125,26 @@ class ModelService:
                 return None
             staged.publish()
             self.session.commit()
+        return row
+
+    def register_from_sweep(
+        self,
+        name: str,
+        dataset: DatasetTable,
+        feature_names: list[str],
+        trained: TrainedModel,
+        hyperparameters: dict[str, Any],
+    ) -> ModelTable:
+        """Store one k of a sweep as a model (its artifact written like a training job's), with the
+        training dataset's recipe: deployable like any other. The caller commits."""
+        model_id = new_id("mdl")
+        key = artifact_key(model_id)
+        with self.store.staged(key) as staged:
+            staged.path.write_bytes(trained.artifact)
+            row = _trained_row(model_id, name, "sweep", dataset, feature_names, trained)
+            row.hyperparameters = hyperparameters  # the sweep's, with this k
+            self.models.add(row)
+            staged.publish()
         return row
 
     def import_artifact(self, name: str, data: bytes, feature_names: list[str], key_column: str | None) -> ModelTable:

@@ -57,6 +57,11 @@ POSITIVE_REFUSALS: dict[str, dict[str, str]] = {
         "400": "feature columns the dataset does not have or that are not numeric, hyperparameter values out of "
         "range for the data, job options SageMaker would refuse together",
     },
+    "POST /sweeps": {
+        "400": "feature columns the dataset does not have or that are not numeric, hyperparameter values out of "
+        "range for the data (a k above the training rows)",
+    },
+    "POST /sweeps/{name}/models": {"400": "a k the sweep did not train"},
     "POST /endpoints": {"400": "what the model can be served with"},
     "POST /endpoints/{name}/invocations": {"400": "rows whose width is not the model's feature count"},
     "POST /endpoints/{name}/predictions": {"400": "rows lacking the model's features, or a dataset without them"},

@@ -347,7 +347,7 @@ def test_model_deleted_while_the_endpoint_switches(
     assert endpoint["status"] == "InService" and endpoint["pending_model_id"] is None
 
 
-@pytest.mark.parametrize("point", ["check_features", "_hyperparameters"])
+@pytest.mark.parametrize("point", ["check_features", "hyperparameters_for"])
 def test_dataset_deleted_while_the_job_is_created(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, point: str
 ) -> None:
