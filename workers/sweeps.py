@@ -29,10 +29,10 @@ from service.errors import AppError
 from service.state import CoreState
 from service.statuses import JobStatus
 from service.sweeps.repository import SweepRepository
+from workers.jobs import MAX_ATTEMPTS  # the same retry budget as a training job
 from workers.leases import hold_lease
 
 log = logging.getLogger("centroid.worker")
-MAX_ATTEMPTS = 3
 
 
 @dataclass
