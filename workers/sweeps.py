@@ -135,7 +135,7 @@ class SweepDriver:
             self._write(row.name, self._ended(JobStatus.FAILED, failure_reason=failure))
         elif outcome is not None:
             values = self._ended(JobStatus.COMPLETED, status_message="sweep completed")
-            self._write(row.name, {**values, "outcome": outcome, "rows_processed": row.rows_total})
+            self._write(row.name, {**values, **outcome, "rows_processed": row.rows_total})
             log.info("sweep completed", extra={"sweep": row.name})
         elif running.stop_requested:
             message = f"stopped after {running.rows_processed} rows"
@@ -190,36 +190,41 @@ class SweepDriver:
 
 
 def outcome_of(result: SweepResult) -> dict[str, Any]:
-    """The sweep's result as stored on its row: per-k metrics and centroids, the recommendation,
-    and the shared local state (what a registered model's artifact holds)."""
+    """The sweep's result as stored on its row: ``outcome`` (per-k metrics, the recommendation,
+    the models registered so far) and ``trained_state`` (each k's centroids and the shared local
+    centers and weights: what a registered model's artifact holds)."""
 
     def number(value: float | None) -> float | None:
         return None if value is None or not np.isfinite(value) else float(value)
 
     return {
-        "evaluated_on": result.evaluated_on,
-        "sample_rows": result.sample_rows,
-        "results": [
-            {
-                "k": r.k,
-                "msd": float(r.msd),
-                "ssd": float(r.ssd),
-                "train_msd": float(r.reduction_msd),
-                "cluster_sizes": list(r.cluster_sizes),
-                "silhouette": number(r.silhouette),
-                "davies_bouldin": number(r.davies_bouldin),
-                "calinski_harabasz": number(r.calinski_harabasz),
-                "centroids": np.asarray(r.centers, dtype=np.float64).tolist(),
-            }
-            for r in result.results
-        ],
-        "recommendation": {
-            "k": result.recommendation.k,
-            "elbow_k": result.recommendation.elbow_k,
-            "best_silhouette_k": result.recommendation.best_silhouette_k,
-            "reasons": list(result.recommendation.reasons),
+        "outcome": {
+            "evaluated_on": result.evaluated_on,
+            "sample_rows": result.sample_rows,
+            "results": [
+                {
+                    "k": r.k,
+                    "msd": float(r.msd),
+                    "ssd": float(r.ssd),
+                    "train_msd": float(r.reduction_msd),
+                    "cluster_sizes": list(r.cluster_sizes),
+                    "silhouette": number(r.silhouette),
+                    "davies_bouldin": number(r.davies_bouldin),
+                    "calinski_harabasz": number(r.calinski_harabasz),
+                }
+                for r in result.results
+            ],
+            "recommendation": {
+                "k": result.recommendation.k,
+                "elbow_k": result.recommendation.elbow_k,
+                "best_silhouette_k": result.recommendation.best_silhouette_k,
+                "reasons": list(result.recommendation.reasons),
+            },
+            "models": {},
         },
-        "local_centers": np.asarray(result.local_centers, dtype=np.float64).tolist(),
-        "local_weights": np.asarray(result.local_weights, dtype=np.float64).tolist(),
-        "models": {},
+        "trained_state": {
+            "centroids": {str(r.k): np.asarray(r.centers, dtype=np.float64).tolist() for r in result.results},
+            "local_centers": np.asarray(result.local_centers, dtype=np.float64).tolist(),
+            "local_weights": np.asarray(result.local_weights, dtype=np.float64).tolist(),
+        },
     }

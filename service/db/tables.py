@@ -157,7 +157,10 @@ class SweepTable(Base):
     sample_size: Mapped[int] = mapped_column(Integer)
     rows_processed: Mapped[int] = mapped_column(BigInteger, default=0)
     rows_total: Mapped[int] = mapped_column(BigInteger, default=0)
-    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per-k results, recommendation, local state
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per-k metrics, recommendation, models
+    # What a registered k's model is built from: each k's centroids and the shared local centers and
+    # weights (grows with k x d and K x d). Read only to register a model, never by a listing.
+    trained_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()

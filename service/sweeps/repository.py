@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import defer
+from sqlalchemy.orm.interfaces import ORMOption
 
 from service.db import leases
 from service.db.repository import LeasedRepository
@@ -19,6 +23,15 @@ class SweepRepository(LeasedRepository[SweepTable]):
     table = SweepTable
     noun = "sweep"
     key_detail = "name"
+
+    def find(self, key: str, options: Sequence[ORMOption] = ()) -> SweepTable | None:
+        """The sweep's row; its ``trained_state`` (centroids of every k, the local centers) is read
+        only when used: registering a model, never describing the sweep."""
+        return super().find(key, [defer(SweepTable.trained_state), *options])
+
+    def page(self, offset: int, limit: int, status: str | None = None) -> tuple[list[SweepTable], int]:
+        where = [] if status is None else [SweepTable.status == status]
+        return self.listing(offset, limit, *where, options=[defer(SweepTable.trained_state, raiseload=True)])
 
     def using_dataset(self, dataset_id: str) -> list[str]:
         query = select(SweepTable.name).where(

@@ -145,12 +145,12 @@ class SweepService:
         """One k of a Completed sweep as a model (the recommended k by default), deployable like any
         other, with the training dataset's recipe. A k registered before gives 409 naming its model."""
         sweep = self.sweeps.get(name)
-        if sweep.status != JobStatus.COMPLETED or not sweep.outcome:
+        if sweep.status != JobStatus.COMPLETED or not sweep.outcome or not sweep.trained_state:
             raise Conflict(
                 f"sweep {name!r} is {sweep.status}; models come from a Completed sweep",
                 details={"name": name, "status": sweep.status},
             )
-        outcome = sweep.outcome
+        outcome, state_of_ks = sweep.outcome, sweep.trained_state
         k = request.k if request.k is not None else int(outcome["recommendation"]["k"])
         results = {int(result["k"]): result for result in outcome["results"]}
         if k not in results:
@@ -166,10 +166,10 @@ class SweepService:
             )
         result = results[k]
         dataset = self.datasets.get(sweep.train_dataset_id)
-        centers = np.asarray(result["centroids"], dtype=np.float32)
+        centers = np.asarray(state_of_ks["centroids"][str(k)], dtype=np.float32)
         state = ModelState(
-            centers=np.asarray(outcome["local_centers"], dtype=np.float64),
-            weights=np.asarray(outcome["local_weights"], dtype=np.float64),
+            centers=np.asarray(state_of_ks["local_centers"], dtype=np.float64),
+            weights=np.asarray(state_of_ks["local_weights"], dtype=np.float64),
         )
         training = outcome["evaluated_on"] == "training"
         metrics: dict[str, Any] = {"train:msd": result["train_msd"]}
@@ -221,7 +221,7 @@ def sweep_view(row: SweepTable) -> SweepView:
         if results is None
         else [
             SweepKResult(
-                **{key: value for key, value in result.items() if key != "centroids"},
+                **result,
                 model_id=models.get(str(result["k"])),
             )
             for result in results

@@ -178,3 +178,19 @@ def test_a_dataset_deleted_mid_creation_is_a_409(
     error = assert_error(response, 409, "conflict", "was deleted while sweep 's1' was being created")
     assert error["details"] == {"dataset_id": blobs["id"], "reason": "dataset_deleted"}
     assert client.get("/sweeps").json()["total"] == 0
+
+
+def test_listings_and_descriptions_never_read_the_trained_state(client: TestClient, blobs: dict[str, Any]) -> None:
+    """Each k's centroids and the local centers grow with k x d; only registering a model reads them."""
+    from tests.reliability.test_bounded_models import statements
+
+    start_sweep(client, "s1", blobs["id"])
+    run_worker_until_idle(client.app)
+    with statements(client) as seen:
+        assert client.get("/sweeps").status_code == 200
+        assert client.get("/sweeps/s1").status_code == 200
+    reads = [s for s in seen if "FROM sweeps" in s]
+    assert reads and not any("trained_state" in s for s in reads), reads
+    with statements(client) as seen:
+        assert client.post("/sweeps/s1/models", json={}).status_code == 201
+    assert any("trained_state" in s for s in seen)

@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("rows_processed", sa.BigInteger(), nullable=False),
         sa.Column("rows_total", sa.BigInteger(), nullable=False),
         sa.Column("outcome", sa.JSON(), nullable=True),
+        sa.Column("trained_state", sa.JSON(), nullable=True),
         sa.Column("created_at", service.db.types.UTCDateTime(timezone=True), nullable=False),
         sa.Column("started_at", service.db.types.UTCDateTime(timezone=True), nullable=True),
         sa.Column("ended_at", service.db.types.UTCDateTime(timezone=True), nullable=True),
