@@ -21,9 +21,9 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/centroid serve
 
-## Run the whole test suite.
+## Run the whole test suite, on every core (pytest-xdist; at most 4 processes: many tests start servers).
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4
 
 ## The day-to-day subset: every test not marked `slow`, on every core (under a minute; `make test` stays the whole suite).
 test-fast: $(VENV)/.installed-test

@@ -85,10 +85,14 @@ class SweepCreate(BaseModel):
         description="Rows the silhouette, Davies–Bouldin and Calinski–Harabasz scores are computed on (a seeded "
         "sample of the evaluated rows; all of them when there are fewer).",
     )
-    backend: Literal["local"] = Field(
+    backend: Literal["local", "sagemaker"] = Field(
         default="local",
-        description="`local`: the engine's one-pass sweep in a worker. (On SageMaker a sweep would be a training "
-        "job per k, each billed: not offered yet.)",
+        description="`local`: the engine's one-pass sweep in a worker (every k from one streaming pass). "
+        "`sagemaker`: one SageMaker built-in KMeans training job per k (`<sweep>-k<k>`, at most "
+        "`CENTROID_SWEEP_PARALLEL_TRAINING_JOBS` at once, with the service's training settings), then every k "
+        "evaluated by the worker in one pass, so the results have the same shape. **Cost**: SageMaker bills each "
+        "training job for its instance time, so a sagemaker sweep costs one training job per k "
+        "(`billable_seconds` reports the sum). A 409 `not_configured` when the backend lacks its settings.",
     )
 
     def k_values(self) -> list[int]:
@@ -99,8 +103,9 @@ class SweepKResult(BaseModel):
     k: int = Field(description="Number of clusters.", examples=[4])
     msd: float = Field(description="Mean squared distance of the evaluated rows to their closest centroid.")
     ssd: float = Field(description="Their sum of squared distances.")
-    train_msd: float = Field(
-        description="SageMaker's `train:msd`: the streamed local centers' weighted msd to the centroids."
+    train_msd: float | None = Field(
+        description="SageMaker's `train:msd`: the streamed local centers' weighted msd to the centroids (on the "
+        "sagemaker backend as its training job reported it; null when it reported none)."
     )
     cluster_sizes: list[int] = Field(description="Evaluated rows closest to each centroid.")
     silhouette: float | None = Field(
@@ -110,6 +115,20 @@ class SweepKResult(BaseModel):
     davies_bouldin: float | None = Field(description="Davies–Bouldin index on the sample (lower is better).")
     calinski_harabasz: float | None = Field(description="Calinski–Harabasz index on the sample (higher is better).")
     model_id: str | None = Field(default=None, description="The model registered from this k, if any.")
+
+
+class SweepTrainingJob(BaseModel):
+    """One k's SageMaker training job (sagemaker sweeps only)."""
+
+    k: int = Field(description="The k this job trains.", examples=[4])
+    training_job_name: str = Field(description="The SageMaker training job's name.", examples=["which-k-k4"])
+    status: str = Field(
+        description="`Waiting` (not submitted yet: at most `CENTROID_SWEEP_PARALLEL_TRAINING_JOBS` run at once), "
+        "then SageMaker's: InProgress, Completed, Failed, Stopping, Stopped.",
+        examples=["Completed"],
+    )
+    billable_seconds: float | None = Field(default=None, description="SageMaker's `BillableTimeInSeconds`.")
+    failure_reason: str | None = Field(default=None, description="SageMaker's reason, when it failed.")
 
 
 class SweepRecommendation(BaseModel):
@@ -133,12 +152,25 @@ class SweepView(BaseModel):
     k_values: list[int] = Field(description="The ks, in increasing order.")
     hyperparameters: dict[str, object] = Field(description="Shared by every k (`k` shown as the largest).")
     sample_size: int
-    rows_processed: int = Field(description="Rows streamed and evaluated so far.")
-    rows_total: int = Field(description="Training rows x epochs + evaluated rows.")
+    rows_processed: int = Field(description="Rows streamed and evaluated so far (by this service's worker).")
+    rows_total: int = Field(
+        description="Training rows x epochs + evaluated rows (sagemaker: the evaluated rows; the training runs on "
+        "SageMaker, whose progress `training_jobs` shows)."
+    )
     evaluated_on: Literal["test", "training"] | None = Field(default=None, description="Where the metrics come from.")
     sample_rows: int | None = Field(default=None, description="Rows the scores were computed on.")
     results: list[SweepKResult] | None = Field(default=None, description="One per k, once Completed.")
     recommendation: SweepRecommendation | None = None
+    training_jobs: list[SweepTrainingJob] | None = Field(
+        default=None,
+        description="On the sagemaker backend: each k's training job (null on the local backend, and until a worker "
+        "has taken the sweep).",
+    )
+    billable_seconds: float | None = Field(
+        default=None,
+        description="On the sagemaker backend: the training jobs' billable seconds so far, summed (SageMaker bills "
+        "each job; null on the local backend).",
+    )
     created_at: datetime
     started_at: datetime | None = None
     ended_at: datetime | None = None

@@ -196,6 +196,13 @@ class Settings(BaseSettings):
     training_instance_count: int = Field(
         default=1, ge=1, description="Default number of training instances (the data is sharded across them)."
     )
+    sweep_parallel_training_jobs: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="On the sagemaker backend a sweep runs one training job per k: at most this many at once "
+        "(SageMaker's per-account quota of concurrent training jobs applies; each job is billed).",
+    )
     training_volume_gb: int = Field(
         default=30, ge=1, description="EBS volume per training instance, in GB (holds the downloaded data)."
     )

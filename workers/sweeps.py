@@ -1,34 +1,42 @@
-"""The sweep driver: claim a sweep, run the engine's one-pass sweep, write the outcome.
+"""The sweep driver: claim a sweep, drive its backend, write the outcome.
 
-Like a local training job (:mod:`workers.jobs`): the whole sweep runs in one call while a heartbeat
-thread extends the lease, writes progress and watches for a stop. A killed worker loses nothing:
-its lease runs out and another worker runs the sweep again from the start; every write is guarded
-by ``lease_owner = me``, so a sweep's outcome is written once. On shutdown a running sweep stops and
-is released back to Pending for another worker.
+Like the training-job driver (:mod:`workers.jobs`):
+
+* the local backend runs the whole sweep in one call (the engine's one-pass sweep) while a
+  heartbeat thread extends the lease, writes progress and watches for a stop. A killed worker
+  loses nothing: its lease runs out and another worker runs the sweep again from the start; on
+  shutdown a running sweep stops and is released back to Pending for another worker;
+* a remote backend (SageMaker: one training job per k) is polled: claim, advance, write, release
+  with ``next_poll_at`` set; everything the next poll needs is in the row's ``remote``.
+
+Every write is guarded by ``lease_owner = me``, so a sweep's outcome is written once.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from service.backends.base import Backend, SweepSpec, SweepUpdate
 from service.datasets.repository import DatasetRepository
 from service.datasets.s3 import dataset_input, s3_filesystem
 from service.db.tables import SweepTable
 from service.db.types import utcnow
-from service.engine import EngineInputError, HyperparameterError, KMeansHyperparameters, TrainingStopped, sweep
+from service.engine import KMeansHyperparameters
 from service.engine.sweep import SweepResult
 from service.errors import AppError
 from service.state import CoreState
 from service.statuses import JobStatus
-from service.sweeps.repository import SweepRepository
+from service.sweeps.repository import FINAL_STATUSES, SweepRepository
 from workers.jobs import MAX_ATTEMPTS  # the same retry budget as a training job
 from workers.leases import hold_lease
 
@@ -37,7 +45,7 @@ log = logging.getLogger("centroid.worker")
 
 @dataclass
 class _Running:
-    """Shared between a sweep and its heartbeat thread."""
+    """Shared between a sweep and its heartbeat thread (and the backend's hooks)."""
 
     name: str
     rows_processed: int = 0
@@ -55,7 +63,7 @@ class _Running:
 
 
 class SweepDriver:
-    """Runs one sweep per :meth:`step`."""
+    """Runs (or polls) one sweep per :meth:`step`."""
 
     def __init__(
         self,
@@ -75,7 +83,7 @@ class SweepDriver:
         self.current: str | None = None
 
     def step(self) -> bool:
-        """Claim and run at most one sweep; True if there was one."""
+        """Claim and drive at most one sweep; True if there was one."""
         with self.db.session() as session:
             row = SweepRepository(session).claim_next(
                 self.worker_id, self.settings.lease_seconds, self._backend_names()
@@ -83,17 +91,27 @@ class SweepDriver:
         if row is None:
             return False
         log.info("claimed sweep", extra={"sweep": row.name, "worker_id": self.worker_id})
+        backend = self.state.backends.get(row.backend)
         try:
-            self._run(row)
+            if backend.trains_in_process:
+                self._run(row, backend)
+            else:
+                self._poll_remote(row, backend)
         except (OperationalError, InterfaceError, PoolTimeout):
             raise  # the database, not the sweep: the lease runs out and it runs again
         except Exception as exc:  # noqa: BLE001 - a sweep's failure must never kill the worker
             log.exception("sweep %s raised", row.name)
-            reason = exc.message if isinstance(exc, AppError) else f"{type(exc).__name__}: {exc}"
-            self._write(row.name, self._ended(JobStatus.FAILED, failure_reason=f"the sweep failed: {reason}"))
+            if backend.trains_in_process:
+                reason = exc.message if isinstance(exc, AppError) else f"{type(exc).__name__}: {exc}"
+                self._write(row.name, self._ended(JobStatus.FAILED, failure_reason=f"the sweep failed: {reason}"))
+            else:  # a remote poll's error (the network, AWS): poll again later
+                message = f"status poll failed, will retry: {type(exc).__name__}"
+                self._write(row.name, {"status_message": message, **self._next_poll(None)})
         return True
 
-    def _run(self, row: SweepTable) -> None:
+    # --- in the worker's process ------------------------------------------------------------------
+
+    def _run(self, row: SweepTable, backend: Backend) -> None:
         if row.stop_requested:
             self._write(row.name, self._ended(JobStatus.STOPPED, status_message="stopped before it started"))
             return
@@ -110,60 +128,97 @@ class SweepDriver:
         }
         if not self._write(row.name, started, release=False):
             return
+        update, running = self._advance(row, backend)
+        if running.lease_lost:
+            log.warning("lost the lease on sweep %s; another worker owns it now", row.name)
+        elif update.status == JobStatus.STOPPED and not running.stop_requested and self.stopping.is_set():
+            # shutting down: released, for another worker to run from the start
+            released = {"status": JobStatus.PENDING, "status_message": "released by a worker that shut down"}
+            self._write(row.name, {**released, "attempts": row.attempts, "rows_processed": 0})
+        else:
+            self._finish(row, update)
+
+    def _advance(self, row: SweepTable, backend: Backend) -> tuple[SweepUpdate, _Running]:
+        """One ``advance_sweep`` call under the lease's heartbeat."""
         running = _Running(row.name, stop_requested=row.stop_requested, shutdown=self.stopping)
         heartbeat = threading.Thread(target=self._heartbeat, args=(running,), daemon=True, name=f"lease-{row.name}")
         self.current = row.name
         self.wakeup.attach(running.poke)
         heartbeat.start()
-        outcome: dict[str, Any] | None = None
-        failure: str | None = None
         try:
-            outcome = self._sweep(row, running)
-        except TrainingStopped:
-            pass
-        except (EngineInputError, HyperparameterError) as exc:
-            failure = str(exc)
+            update = backend.advance_sweep(self._spec(row), running)
         finally:
             running.finished.set()
             running.poke.set()
             heartbeat.join()
             self.wakeup.detach(running.poke)
             self.current = None
-        if running.lease_lost:
-            log.warning("lost the lease on sweep %s; another worker owns it now", row.name)
-        elif failure is not None:
-            self._write(row.name, self._ended(JobStatus.FAILED, failure_reason=failure))
-        elif outcome is not None:
-            values = self._ended(JobStatus.COMPLETED, status_message="sweep completed")
-            self._write(row.name, {**values, **outcome, "rows_processed": row.rows_total})
-            log.info("sweep completed", extra={"sweep": row.name})
-        elif running.stop_requested:
-            message = f"stopped after {running.rows_processed} rows"
-            self._write(row.name, self._ended(JobStatus.STOPPED, status_message=message))
-        else:  # shutting down: released, for another worker to run from the start
-            released = {"status": JobStatus.PENDING, "status_message": "released by a worker that shut down"}
-            self._write(row.name, {**released, "attempts": row.attempts, "rows_processed": 0})
+        return update, running
 
-    def _sweep(self, row: SweepTable, running: _Running) -> dict[str, Any]:
+    # --- remote -----------------------------------------------------------------------------------
+
+    def _poll_remote(self, row: SweepTable, backend: Backend) -> None:
+        if row.stop_requested and row.remote and not row.remote.get("stop_sent"):
+            backend.stop_sweep(self._spec(row))
+            row.remote = {**row.remote, "stop_sent": True}
+        if row.status == JobStatus.PENDING:
+            if row.stop_requested:
+                self._write(row.name, self._ended(JobStatus.STOPPED, status_message="stopped before it started"))
+                return
+            values = {"status": JobStatus.IN_PROGRESS, "started_at": utcnow(), "attempts": row.attempts + 1}
+            if not self._write(row.name, values, release=False):
+                return
+        update, running = self._advance(row, backend)
+        if running.lease_lost:
+            log.warning("lost the lease on sweep %s during a remote step; another worker owns it now", row.name)
+            return
+        abandoned = update.status == JobStatus.STOPPED and not row.remote.get("data") and not running.stop_requested
+        if abandoned and self.stopping.is_set():  # the upload was abandoned on shutdown: another worker does it
+            released = {"status": JobStatus.PENDING, "status_message": "released by a worker that shut down"}
+            self._write(row.name, {**released, "attempts": row.attempts})
+            return
+        self._finish(row, update)
+
+    # --- outcomes ---------------------------------------------------------------------------------
+
+    def _finish(self, row: SweepTable, update: SweepUpdate) -> None:
+        values: dict[str, Any] = {"status": update.status}
+        if update.message is not None:
+            values["status_message"] = update.message
+        if update.failure_reason is not None:
+            values["failure_reason"] = update.failure_reason
+        if update.remote:
+            values["remote"] = {**row.remote, **update.remote}
+        if update.status == JobStatus.COMPLETED and update.result is not None:
+            values.update(outcome_of(update.result, update.artifacts), rows_processed=row.rows_total)
+            log.info("sweep completed", extra={"sweep": row.name})
+        if update.status in FINAL_STATUSES:
+            self._write(row.name, {**values, "ended_at": utcnow()})
+        else:
+            self._write(row.name, {**values, **self._next_poll(update.poll_after_seconds)})
+
+    def _next_poll(self, seconds: float | None) -> dict[str, Any]:
+        """Release the lease until the next poll is due."""
+        delay = seconds or self.settings.remote_poll_seconds
+        return {"lease_owner": None, "lease_expires_at": None, "next_poll_at": utcnow() + timedelta(seconds=delay)}
+
+    def _spec(self, row: SweepTable) -> SweepSpec:
         with self.db.session() as session:
             datasets = DatasetRepository(session)
             train = datasets.get(row.train_dataset_id)
             test = datasets.get(row.test_dataset_id) if row.test_dataset_id else None
             columns = list(row.feature_columns)
             s3 = lambda: s3_filesystem(self.settings)  # noqa: E731 - opened only for a dataset in S3
-            train_input = dataset_input(train, columns, self.state.store, s3)
-            test_input = dataset_input(test, columns, self.state.store, s3) if test else None
-        hyperparameters = KMeansHyperparameters.from_mapping(row.hyperparameters)
-        result = sweep(
-            train_input.batch_source(),
-            list(row.k_values),
-            hyperparameters,
-            test=test_input.batch_source() if test_input else None,
-            sample_size=row.sample_size,
-            progress=running.progress,
-            should_stop=running.should_stop,
-        )
-        return outcome_of(result)
+            return SweepSpec(
+                name=row.name,
+                train=dataset_input(train, columns, self.state.store, s3),
+                test=dataset_input(test, columns, self.state.store, s3) if test else None,
+                ks=list(row.k_values),
+                hyperparameters=KMeansHyperparameters.from_mapping(row.hyperparameters),
+                sample_size=row.sample_size,
+                remote=dict(row.remote or {}),
+                stop_requested=row.stop_requested,
+            )
 
     def _heartbeat(self, running: _Running) -> None:
         hold_lease(
@@ -182,20 +237,30 @@ class SweepDriver:
     def _write(self, name: str, values: dict[str, Any], *, release: bool = True) -> bool:
         """Write ``values`` while this worker holds the lease (releasing it unless asked not to)."""
         if release:
-            values = {**values, "lease_owner": None, "lease_expires_at": None, "next_poll_at": None}
+            values = {"lease_owner": None, "lease_expires_at": None, "next_poll_at": None, **values}
         with self.db.session() as session:
             owned = SweepRepository(session).guarded_update(name, self.worker_id, values)
             session.commit()
         return owned
 
 
-def outcome_of(result: SweepResult) -> dict[str, Any]:
+def outcome_of(result: SweepResult, artifacts: dict[int, bytes] | None = None) -> dict[str, Any]:
     """The sweep's result as stored on its row: ``outcome`` (per-k metrics, the recommendation,
-    the models registered so far) and ``trained_state`` (each k's centroids and the shared local
-    centers and weights: what a registered model's artifact holds)."""
+    the models registered so far) and ``trained_state`` (each k's centroids, and what a
+    registered model's artifact is made of: the shared local centers and weights of a local
+    sweep, or each k's artifact as SageMaker wrote it, base64)."""
 
     def number(value: float | None) -> float | None:
         return None if value is None or not np.isfinite(value) else float(value)
+
+    state: dict[str, Any] = {
+        "centroids": {str(r.k): np.asarray(r.centers, dtype=np.float64).tolist() for r in result.results}
+    }
+    if result.local_centers is not None and result.local_weights is not None:
+        state["local_centers"] = np.asarray(result.local_centers, dtype=np.float64).tolist()
+        state["local_weights"] = np.asarray(result.local_weights, dtype=np.float64).tolist()
+    if artifacts:
+        state["artifacts"] = {str(k): base64.b64encode(data).decode("ascii") for k, data in artifacts.items()}
 
     return {
         "outcome": {
@@ -206,7 +271,7 @@ def outcome_of(result: SweepResult) -> dict[str, Any]:
                     "k": r.k,
                     "msd": float(r.msd),
                     "ssd": float(r.ssd),
-                    "train_msd": float(r.reduction_msd),
+                    "train_msd": number(r.reduction_msd),
                     "cluster_sizes": list(r.cluster_sizes),
                     "silhouette": number(r.silhouette),
                     "davies_bouldin": number(r.davies_bouldin),
@@ -222,9 +287,5 @@ def outcome_of(result: SweepResult) -> dict[str, Any]:
             },
             "models": {},
         },
-        "trained_state": {
-            "centroids": {str(r.k): np.asarray(r.centers, dtype=np.float64).tolist() for r in result.results},
-            "local_centers": np.asarray(result.local_centers, dtype=np.float64).tolist(),
-            "local_weights": np.asarray(result.local_weights, dtype=np.float64).tolist(),
-        },
+        "trained_state": state,
     }

@@ -19,7 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from service.engine import BatchSource, CenterIndex, KMeansHyperparameters, ParquetBatchSource, Prediction
+from service.engine import (
+    BatchSource,
+    CenterIndex,
+    KMeansHyperparameters,
+    ParquetBatchSource,
+    Prediction,
+    SweepResult,
+)
 from service.engine.sources import FilesBatchSource
 from service.statuses import EndpointStatus, JobStatus, SecondaryStatus
 
@@ -153,6 +160,52 @@ class TrainingUpdate:
         return cls(JobStatus.IN_PROGRESS, secondary_status, **more)
 
 
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything a backend needs to run (or resume watching) one sweep: every k of ``ks`` trained
+    with ``hyperparameters`` (its ``k`` replaced by each), then evaluated on ``test`` (else
+    ``train``) with the scores computed on ``sample_size`` rows."""
+
+    name: str
+    train: DatasetInput
+    test: DatasetInput | None
+    ks: list[int]
+    hyperparameters: KMeansHyperparameters
+    sample_size: int
+    remote: dict[str, Any]
+    stop_requested: bool = False
+
+
+@dataclass
+class SweepUpdate:
+    """What the worker writes back to the sweep after one ``advance_sweep`` call.
+
+    ``result`` is set once every k is trained and evaluated; ``artifacts`` holds each k's model
+    artifact as its trainer wrote it (SageMaker's ``model.tar.gz``) when there is one to keep
+    (a local sweep's models are written from the shared local centers instead)."""
+
+    status: JobStatus
+    message: str | None = None
+    failure_reason: str | None = None
+    remote: dict[str, Any] = field(default_factory=dict)
+    result: SweepResult | None = None
+    artifacts: dict[int, bytes] | None = None
+    rows_total: int | None = None
+    poll_after_seconds: float | None = None
+
+    @classmethod
+    def failed(cls, reason: str, **more: Any) -> SweepUpdate:
+        return cls(JobStatus.FAILED, failure_reason=reason, **more)
+
+    @classmethod
+    def stopped(cls, message: str, **more: Any) -> SweepUpdate:
+        return cls(JobStatus.STOPPED, message=message, **more)
+
+    @classmethod
+    def completed(cls, result: SweepResult, **more: Any) -> SweepUpdate:
+        return cls(JobStatus.COMPLETED, message="sweep completed", result=result, **more)
+
+
 class TrainingHooks(Protocol):
     """How a running training reports back: progress, and whether to stop."""
 
@@ -240,6 +293,14 @@ class Backend(Protocol):
 
     def stop_training(self, spec: TrainingSpec) -> None:
         """Ask a running job to stop (the worker records the outcome on a later advance)."""
+        ...
+
+    def advance_sweep(self, spec: SweepSpec, hooks: TrainingHooks) -> SweepUpdate:
+        """Move a sweep forward: run it (in process), or start and follow its trainings (remote)."""
+        ...
+
+    def stop_sweep(self, spec: SweepSpec) -> None:
+        """Ask a running sweep's remote trainings to stop (recorded on a later advance)."""
         ...
 
     def advance_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:

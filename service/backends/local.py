@@ -20,6 +20,8 @@ from service.backends.base import (
     BackendStatus,
     EndpointSpec,
     EndpointUpdate,
+    SweepSpec,
+    SweepUpdate,
     TrainedModel,
     TrainingHooks,
     TrainingSpec,
@@ -34,6 +36,7 @@ from service.engine import (
     TrainingStopped,
     WebScaleKMeans,
     read_model_tar,
+    sweep,
     write_model_tar,
 )
 from service.statuses import EndpointStatus
@@ -86,6 +89,32 @@ class LocalBackend:
     def stop_training(self, spec: TrainingSpec) -> None:
         """Local training notices ``stop_requested`` through the worker's hooks (the engine asks
         between slices of every long step); nothing to send."""
+
+    def advance_sweep(self, spec: SweepSpec, hooks: TrainingHooks) -> SweepUpdate:
+        """The engine's one-pass sweep (every k from one streaming pass), run now; the worker
+        heartbeats and watches for a stop meanwhile."""
+        try:
+            result = sweep(
+                spec.train.batch_source(),
+                spec.ks,
+                spec.hyperparameters,
+                test=spec.test.batch_source() if spec.test else None,
+                sample_size=spec.sample_size,
+                progress=hooks.progress,
+                should_stop=hooks.should_stop,
+            )
+        except TrainingStopped as stopped:
+            return SweepUpdate.stopped(f"stopped after {stopped.points_processed} rows")
+        except (EngineInputError, HyperparameterError) as exc:
+            return SweepUpdate.failed(str(exc))
+        except (OSError, pa.ArrowInvalid) as exc:
+            if spec.train.s3 is None and (spec.test is None or spec.test.s3 is None):
+                raise
+            return SweepUpdate.failed(f"the data in S3 could not be read: {exc}")
+        return SweepUpdate.completed(result)
+
+    def stop_sweep(self, spec: SweepSpec) -> None:
+        """A local sweep notices ``stop_requested`` through the worker's hooks; nothing to send."""
 
     def advance_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
         """Check the model's artifact loads and matches its centroids; then it can serve."""

@@ -24,7 +24,7 @@ from service.engine.mxnet_format import (
 )
 from service.engine.predict import CenterIndex, Prediction, as_feature_matrix, predict
 from service.engine.sources import ArrayBatchSource, BatchSource, ParquetBatchSource
-from service.engine.sweep import KResult, Recommendation, SweepResult, recommend_k, sweep
+from service.engine.sweep import KResult, Recommendation, SweepResult, evaluate_centers, recommend_k, sweep
 from service.engine.webscale import WebScaleKMeans, evaluate, reduce_centers
 
 ENGINE_VERSION = "1.0.0"
@@ -59,6 +59,7 @@ __all__ = [
     "recommend_k",
     "reduce_centers",
     "sweep",
+    "evaluate_centers",
     "write_model_tar",
     "write_ndarray_list",
 ]

@@ -30,7 +30,7 @@ the rows. ``should_stop()`` is honoured between slices everywhere, as in a fit.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -69,7 +69,7 @@ class KResult:
 
     k: int
     centers: np.ndarray  # (k, d) float32, the model a fit with this k would give
-    reduction_msd: float  # SageMaker's train:msd: the local centers' weighted msd to the centers
+    reduction_msd: float  # SageMaker's train:msd: the local centers' weighted msd to the centers (nan: unknown)
     msd: float  # mean squared distance of the evaluated rows to their closest center
     ssd: float  # their sum of squared distances
     cluster_sizes: list[int]  # evaluated rows closest to each center
@@ -97,8 +97,10 @@ class SweepResult:
     evaluated_on: str  # "test" or "training"
     evaluated_rows: int
     sample_rows: int  # rows the silhouette, Davies–Bouldin and Calinski–Harabasz scores use
-    local_centers: np.ndarray  # (K, d) float64: the mini-batch stage's centers, shared by every k
-    local_weights: np.ndarray  # (K,) float64
+    # (K, d) float64 and (K,): the mini-batch stage's centers and weights, shared by every k; None
+    # when the centers were trained elsewhere (:func:`evaluate_centers`)
+    local_centers: np.ndarray | None
+    local_weights: np.ndarray | None
     hyperparameters: KMeansHyperparameters  # of the largest k (the streamed stage's)
 
     def result(self, k: int) -> KResult:
@@ -158,16 +160,82 @@ def sweep(
             if msd < reduction_msd[k]:
                 centers[k], reduction_msd[k] = merged, msd
 
-    # 3. One evaluation pass for all of them, collecting the seeded sample as it goes.
-    what = "training" if test is None else "test"
-    chosen = _sample_rows(scored.n_rows, sample_size, largest.seed)
-    evaluation = _Evaluation(ks, centers, state.centers, chosen, scored.n_features)
-    for batch in checked_batches(scored, largest.mini_batch_size, what):
+    # 3 and 4. One evaluation pass for all of them, the scores on the sample, the recommendation.
+    return _evaluated(
+        scored,
+        ks,
+        centers,
+        reduction_msd,
+        state.centers,
+        largest,
+        sample_size,
+        monitor,
+        evaluated_on="training" if test is None else "test",
+        local_weights=state.counts,
+    )
+
+
+def evaluate_centers(
+    data: BatchSource | ArrayLike,
+    centers: Mapping[int, ArrayLike],
+    *,
+    train_msd: Mapping[int, float | None] | None = None,
+    evaluated_on: str = "training",
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int | None = None,
+    batch_size: int = 5000,
+    progress: ProgressCallback | None = None,
+    should_stop: StopCallback | None = None,
+) -> SweepResult:
+    """Steps 3 and 4 of a sweep for centers trained elsewhere (one SageMaker training job per k):
+    every k's msd, ssd and cluster sizes from one pass over ``data``, the scores on a seeded sample
+    of ``sample_size`` rows, and the recommended k; the same figures :func:`sweep` gives.
+
+    The largest k's centers serve as the evaluation's anchors (any anchors give the exact labels;
+    closer ones prove more rows at once). ``train_msd`` is each k's training msd as its trainer
+    reported it (``nan`` in the result when unknown)."""
+    ks = sorted(int(k) for k in centers)
+    if not ks or ks[0] < 1:
+        raise EngineInputError("no centers to evaluate")
+    as_float32 = {k: np.asarray(centers[k], dtype=np.float32) for k in ks}
+    d = as_float32[ks[-1]].shape[1]
+    for k in ks:
+        if as_float32[k].shape != (k, d):
+            raise EngineInputError(f"k={k}: expected {k} centers of {d} features, got {as_float32[k].shape}")
+    hyperparameters = KMeansHyperparameters(k=ks[-1], feature_dim=d, mini_batch_size=batch_size, seed=seed)
+    scored = _checked_source(as_batch_source(data), hyperparameters, evaluated_on)
+    monitor = _Monitor(progress, should_stop, total=scored.n_rows)
+    reported = train_msd or {}
+    msd = {k: float("nan") if reported.get(k) is None else float(reported[k]) for k in ks}  # type: ignore[arg-type]
+    anchors = as_float32[ks[-1]].astype(np.float64)
+    return _evaluated(
+        scored, ks, as_float32, msd, anchors, hyperparameters, sample_size, monitor, evaluated_on=evaluated_on
+    )
+
+
+def _evaluated(
+    scored: BatchSource,
+    ks: list[int],
+    centers: dict[int, np.ndarray],
+    reduction_msd: dict[int, float],
+    anchors: np.ndarray,
+    hyperparameters: KMeansHyperparameters,
+    sample_size: int,
+    monitor: _Monitor,
+    *,
+    evaluated_on: str,
+    local_weights: np.ndarray | None = None,
+) -> SweepResult:
+    """One evaluation pass over ``scored`` for every k's centers, then the scores and the recommendation."""
+    if sample_size < 2:
+        raise EngineInputError("sample_size must be at least 2")
+    chosen = _sample_rows(scored.n_rows, sample_size, hyperparameters.seed)
+    evaluation = _Evaluation(ks, centers, anchors, chosen, scored.n_features)
+    for batch in checked_batches(scored, hyperparameters.mini_batch_size, evaluated_on):
         monitor.check()
         evaluation.add(batch, monitor.check)
         monitor.advance(len(batch))
 
-    # 4. Scores on the sample, and the recommendation.
     sample = evaluation.sample
     silhouettes = _silhouettes(sample, evaluation.sample_labels, monitor.check)
     totals = evaluation.totals
@@ -192,12 +260,12 @@ def sweep(
     return SweepResult(
         results=results,
         recommendation=recommend_k(results),
-        evaluated_on=what,
+        evaluated_on=evaluated_on,
         evaluated_rows=scored.n_rows,
         sample_rows=len(sample),
-        local_centers=state.centers,
-        local_weights=state.counts,
-        hyperparameters=largest,
+        local_centers=anchors if local_weights is not None else None,
+        local_weights=local_weights,
+        hyperparameters=hyperparameters,
     )
 
 

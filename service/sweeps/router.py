@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy.orm import Session
 
-from schemas.common import LimitQuery, OffsetQuery, Page, error_responses
+from schemas.common import NOT_CONFIGURED_RESPONSE, LimitQuery, OffsetQuery, Page, error_responses
 from schemas.models import Model
 from schemas.sweeps import SweepCreate, SweepModelCreate, SweepView
 from service.deps import AppState, app_state, db_session
@@ -29,7 +29,7 @@ SweepServiceDep = Annotated[SweepService, Depends(sweep_service)]
     status_code=status.HTTP_202_ACCEPTED,
     response_model=SweepView,
     summary="Start a sweep: every k of a range from one pass",
-    responses=error_responses(400, 404, 409, 422),
+    responses={**error_responses(400, 404, 422), 409: NOT_CONFIGURED_RESPONSE},
 )
 def create_sweep(request: SweepCreate, service: SweepServiceDep) -> SweepView:
     """Queue a sweep (status `Pending`); a worker trains every k with one streaming pass over the
@@ -37,7 +37,12 @@ def create_sweep(request: SweepCreate, service: SweepServiceDep) -> SweepView:
     given, else the training data), silhouette, Davies–Bouldin and Calinski–Harabasz (on a seeded
     sample of `sample_size` rows), cluster sizes, and a recommended k with its reasons. Feature
     columns and hyperparameters follow a training job's rules (400 naming the problem); the
-    service's ceilings apply at the largest k. The name is the sweep's identity: reusing it is 409."""
+    service's ceilings apply at the largest k. The name is the sweep's identity: reusing it is 409.
+
+    With `backend: sagemaker` each k is one SageMaker training job (at most
+    `CENTROID_SWEEP_PARALLEL_TRAINING_JOBS` at once), each billed by SageMaker; the worker then
+    evaluates every k here in one pass, so the results have the same shape. `training_jobs` shows
+    each job and `billable_seconds` their sum."""
     return sweep_view(service.create(request))
 
 

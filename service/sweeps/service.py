@@ -3,13 +3,22 @@ k as a model. The sweep itself runs in a worker (workers/sweeps.py)."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import numpy as np
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from schemas.sweeps import MAX_SWEEP_KS, SweepCreate, SweepKResult, SweepModelCreate, SweepRecommendation, SweepView
+from schemas.sweeps import (
+    MAX_SWEEP_KS,
+    SweepCreate,
+    SweepKResult,
+    SweepModelCreate,
+    SweepRecommendation,
+    SweepTrainingJob,
+    SweepView,
+)
 from service.backends.base import TrainedModel
 from service.backends.registry import BackendRegistry
 from service.datasets.repository import DatasetRepository
@@ -42,7 +51,7 @@ class SweepService:
     def create(self, request: SweepCreate) -> SweepTable:
         if self.sweeps.find(request.name) is not None:
             raise Conflict(f"sweep {request.name!r} already exists", details={"name": request.name})
-        self.backends.usable(request.backend)
+        backend = self.backends.usable(request.backend)
         ks = request.k_values()
         if not ks:
             raise InvalidInput("k: min must be <= max", details={"k": request.k.model_dump()})  # type: ignore[union-attr]
@@ -79,7 +88,8 @@ class SweepService:
             hyperparameters=hyperparameters.to_dict(),
             sample_size=request.sample_size,
             rows_processed=0,
-            rows_total=train.row_count * hyperparameters.epochs + evaluated,
+            # in process: the streamed training rows too; remote: the worker only evaluates
+            rows_total=train.row_count * hyperparameters.epochs + evaluated if backend.trains_in_process else evaluated,
         )
         try:
             self.sweeps.add(row)
@@ -167,12 +177,18 @@ class SweepService:
         result = results[k]
         dataset = self.datasets.get(sweep.train_dataset_id)
         centers = np.asarray(state_of_ks["centroids"][str(k)], dtype=np.float32)
-        state = ModelState(
-            centers=np.asarray(state_of_ks["local_centers"], dtype=np.float64),
-            weights=np.asarray(state_of_ks["local_weights"], dtype=np.float64),
-        )
+        if "artifacts" in state_of_ks:  # trained on SageMaker: its own model.tar.gz, byte for byte
+            artifact = base64.b64decode(state_of_ks["artifacts"][str(k)])
+            engine_version, seed = None, None
+        else:
+            state = ModelState(
+                centers=np.asarray(state_of_ks["local_centers"], dtype=np.float64),
+                weights=np.asarray(state_of_ks["local_weights"], dtype=np.float64),
+            )
+            artifact = write_model_tar(centers, state)
+            engine_version, seed = ENGINE_VERSION, sweep.hyperparameters.get("seed")
         training = outcome["evaluated_on"] == "training"
-        metrics: dict[str, Any] = {"train:msd": result["train_msd"]}
+        metrics: dict[str, Any] = {} if result["train_msd"] is None else {"train:msd": result["train_msd"]}
         if training:
             metrics[full_pass_name("msd")] = result["msd"]
             metrics[full_pass_name("ssd")] = result["ssd"]
@@ -181,11 +197,11 @@ class SweepService:
         hyperparameters = {**sweep.hyperparameters, "k": k}
         trained = TrainedModel(
             centroids=centers,
-            artifact=write_model_tar(centers, state),
+            artifact=artifact,
             metrics=metrics,
             cluster_sizes=list(result["cluster_sizes"]) if training else None,
-            engine_version=ENGINE_VERSION,
-            seed=sweep.hyperparameters.get("seed"),
+            engine_version=engine_version,
+            seed=seed,
         )
         models = ModelService(self.session, self.store)
         row = models.register_from_sweep(
@@ -201,6 +217,19 @@ def sweep_view(row: SweepTable) -> SweepView:
     models = outcome.get("models") or {}
     results = outcome.get("results")
     recommendation = outcome.get("recommendation")
+    trials = (row.remote or {}).get("trials")
+    jobs = None
+    if trials is not None:  # trained remotely, one training job per k
+        jobs = [
+            SweepTrainingJob(
+                k=k,
+                training_job_name=str(trial["name"]),
+                status=str(trial["status"]),
+                billable_seconds=trial.get("billable_seconds"),
+                failure_reason=trial.get("failure_reason"),
+            )
+            for k, trial in sorted((int(key), value) for key, value in trials.items())
+        ]
     return SweepView(
         name=row.name,
         backend=row.backend,
@@ -227,6 +256,8 @@ def sweep_view(row: SweepTable) -> SweepView:
             for result in results
         ],
         recommendation=None if recommendation is None else SweepRecommendation(**recommendation),
+        training_jobs=jobs,
+        billable_seconds=None if jobs is None else sum(job.billable_seconds or 0.0 for job in jobs),
         created_at=row.created_at,
         started_at=row.started_at,
         ended_at=row.ended_at,

@@ -15,7 +15,7 @@ from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silho
 from service.engine import ArrayBatchSource, CenterIndex, KMeansHyperparameters, TrainingStopped, WebScaleKMeans
 from service.engine.errors import EngineInputError
 from service.engine.hyperparameters import HyperparameterError
-from service.engine.sweep import KResult, recommend_k, sweep
+from service.engine.sweep import KResult, evaluate_centers, recommend_k, sweep
 from service.sample_data import workshop_matrix
 
 
@@ -175,3 +175,26 @@ def test_the_recommendation_rule() -> None:
     # Two ks, no silhouettes: the smallest k, said so.
     chosen = recommend_k([_result(2, 5.0, None), _result(3, 4.0, None)])
     assert chosen.k == 2 and any("smallest" in reason for reason in chosen.reasons)
+
+
+def test_centers_trained_elsewhere_are_evaluated_as_a_sweep_evaluates_its_own(
+    six_blobs: np.ndarray, blob_sweep: object
+) -> None:
+    """evaluate_centers (a sagemaker sweep's evaluation: one training job per k) gives what the
+    sweep gave for the same centers: exact labels, sizes, msd, the sample scores, the same k."""
+    own = blob_sweep
+    centers = {r.k: r.centers for r in own.results}  # type: ignore[attr-defined]
+    reported = {k: 0.5 * k for k in centers}
+    other = evaluate_centers(ArrayBatchSource(six_blobs), centers, train_msd=reported, seed=7, batch_size=333)
+    assert other.local_centers is None and other.evaluated_on == "training" and other.sample_rows == len(six_blobs)
+    for mine, theirs in zip(own.results, other.results, strict=True):  # type: ignore[attr-defined]
+        labels, ssd = _exact(six_blobs, theirs.centers)
+        assert theirs.cluster_sizes == mine.cluster_sizes == np.bincount(labels, minlength=theirs.k).tolist()
+        assert theirs.ssd == pytest.approx(ssd, rel=1e-9) and theirs.msd == pytest.approx(mine.msd, rel=1e-9)
+        assert theirs.silhouette == pytest.approx(silhouette_score(six_blobs, labels), abs=1e-9)
+        assert theirs.reduction_msd == reported[theirs.k]
+    assert other.recommendation.k == own.recommendation.k  # type: ignore[attr-defined]
+    missing = evaluate_centers(six_blobs, {3: centers[3]}, seed=7)
+    assert np.isnan(missing.results[0].reduction_msd)
+    with pytest.raises(EngineInputError, match="k=4: expected 4 centers"):
+        evaluate_centers(six_blobs, {3: centers[3], 4: centers[3]})

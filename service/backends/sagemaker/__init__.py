@@ -10,6 +10,7 @@ derived from the job, endpoint and model, and everything the next call needs is 
 * :mod:`~service.backends.sagemaker.naming`: names of the SageMaker resources, the KMeans image;
 * :mod:`~service.backends.sagemaker.s3`: training data and model artifacts in S3;
 * :mod:`~service.backends.sagemaker.training`: the training-job state machine;
+* :mod:`~service.backends.sagemaker.sweeps`: a sweep as one training job per k;
 * :mod:`~service.backends.sagemaker.endpoints`: the endpoint state machine;
 * :mod:`~service.backends.sagemaker.runtime`: InvokeEndpoint.
 
@@ -28,6 +29,8 @@ from service.backends.base import (
     BackendStatus,
     EndpointSpec,
     EndpointUpdate,
+    SweepSpec,
+    SweepUpdate,
     TrainingHooks,
     TrainingSpec,
     TrainingUpdate,
@@ -36,6 +39,7 @@ from service.backends.sagemaker.client import AwsContext
 from service.backends.sagemaker.endpoints import Endpoints
 from service.backends.sagemaker.naming import kmeans_image
 from service.backends.sagemaker.runtime import features_csv, invoke, parse_predictions
+from service.backends.sagemaker.sweeps import SweepJobs
 from service.backends.sagemaker.training import TrainingJobs
 from service.engine import Prediction
 from service.settings import Settings
@@ -55,6 +59,7 @@ class SageMakerBackend:
         """No network here: clients are created on first use, so an unconfigured backend costs nothing."""
         self._aws = AwsContext(settings)
         self._training = TrainingJobs(self._aws)
+        self._sweeps = SweepJobs(self._aws, self._training)
         self._endpoints = Endpoints(self._aws)
 
     @property
@@ -108,6 +113,15 @@ class SageMakerBackend:
     def stop_training(self, spec: TrainingSpec) -> None:
         """Send StopTrainingJob; a failure is logged and the stop re-sent while SageMaker trains on."""
         self._training.stop(spec)
+
+    def advance_sweep(self, spec: SweepSpec, hooks: TrainingHooks) -> SweepUpdate:
+        """One training job per k (at most ``sweep_parallel_training_jobs`` at once), then every k
+        evaluated here: see :mod:`~service.backends.sagemaker.sweeps`. Each job is billed."""
+        return self._sweeps.advance(spec, hooks)
+
+    def stop_sweep(self, spec: SweepSpec) -> None:
+        """StopTrainingJob for each of the sweep's jobs in flight."""
+        self._sweeps.stop(spec)
 
     def advance_endpoint(self, spec: EndpointSpec) -> EndpointUpdate:
         """Create the endpoint, or switch it to ``spec.model``, and report until InService."""

@@ -26,6 +26,17 @@ def name_stem(endpoint: str) -> str:
     return f"{endpoint[: STEM_MAX - len(digest) - 1].rstrip('-')}-{digest}"
 
 
+def sweep_training_job_name(sweep: str, k: int) -> str:
+    """The training job of ``k`` in ``sweep``: ``<sweep>-k<k>``, the sweep's name cut and hashed
+    when that would pass SageMaker's 63 characters (distinct sweeps keep distinct names)."""
+    suffix = f"-k{k}"
+    if len(sweep) + len(suffix) <= MAX_NAME:
+        return f"{sweep}{suffix}"
+    digest = hashlib.sha1(sweep.encode()).hexdigest()[:8]
+    room = MAX_NAME - len(suffix) - len(digest) - 1
+    return f"{sweep[:room].rstrip('-')}-{digest}{suffix}"
+
+
 def derived_name(endpoint: str, model_id: str) -> str:
     """Model and endpoint-config name for ``model_id`` on ``endpoint`` (the same for both)."""
     suffix = re.sub(r"[^A-Za-z0-9-]", "-", model_id).strip("-")

@@ -30,11 +30,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from service.backends.base import BackendNotConfigured, TrainedModel, TrainingHooks, TrainingSpec, TrainingUpdate
+from service.backends.base import (
+    BackendNotConfigured,
+    DatasetInput,
+    TrainedModel,
+    TrainingHooks,
+    TrainingSpec,
+    TrainingUpdate,
+)
 from service.backends.sagemaker.client import AWS_FAILURES, AwsContext, NotFound, Permanent, aws_call, failure_text
 from service.backends.sagemaker.naming import kmeans_image
 from service.backends.sagemaker.s3 import UploadInterrupted, download_artifact, s3_uri, upload_dataset, write_manifest
@@ -48,6 +56,8 @@ log = logging.getLogger("centroid.sagemaker")
 TRAIN_CONTENT_TYPE = "text/csv;label_size=0"
 MAX_STOP_ATTEMPTS = 5
 RESOURCE_IN_USE = "ResourceInUse"  # CreateTrainingJob's answer when the name is taken
+#: Where a job's data was put (:meth:`TrainingJobs.upload_data`): given in ``spec.remote``, it is used as is.
+DATA_KEYS = ("train_s3_uri", "train_objects", "train_manifest", "train_data", "test_s3_uri", "test_manifest")
 
 
 def _iso(value: Any) -> str | None:
@@ -124,7 +134,9 @@ class TrainingJobs:
     def __init__(self, aws: AwsContext) -> None:
         self.aws = aws
 
-    def advance(self, spec: TrainingSpec, hooks: TrainingHooks | None = None) -> TrainingUpdate:
+    def advance(
+        self, spec: TrainingSpec, hooks: TrainingHooks | None = None, *, full_pass: bool = True
+    ) -> TrainingUpdate:
         """Submit the job on the first call; afterwards mirror DescribeTrainingJob. ``hooks``
         (the worker's) say when an upload in progress should be abandoned."""
         submitted = bool(spec.remote.get("training_job_name"))
@@ -139,7 +151,7 @@ class TrainingJobs:
                 if spec.stop_requested:
                     return TrainingUpdate.stopped("stopped before submission")
                 return self._submit(spec, hooks)
-            return self._poll(spec)
+            return self._poll(spec, full_pass=full_pass)
         except Permanent as exc:
             return TrainingUpdate.failed(str(exc))
 
@@ -147,7 +159,7 @@ class TrainingJobs:
         """Send StopTrainingJob; a failure is logged and the stop re-sent while SageMaker trains on."""
         name = spec.remote.get("training_job_name")
         if name:
-            self._send_stop(str(name))
+            self.send_stop(str(name))
 
     # --- submission ---------------------------------------------------------------------------
 
@@ -155,6 +167,7 @@ class TrainingJobs:
         settings = self.aws.settings
         image = kmeans_image(str(settings.aws_region))
         remote: dict[str, Any] = {
+            **{key: spec.remote[key] for key in DATA_KEYS if key in spec.remote},
             "training_job_name": spec.job_name,
             "region": settings.aws_region,
             "output_s3_uri": s3_uri(self.aws.bucket, self.aws.key(spec.job_name, "output")),
@@ -181,29 +194,12 @@ class TrainingJobs:
         """Upload the data, then CreateTrainingJob; returns the job's ARN. ``InstanceCount`` is the
         number of objects the training data became (fewer than asked when there are fewer rows)."""
         requested = int(spec.resource_config.get("instance_count") or self.aws.settings.training_instance_count)
-        should_stop = hooks.should_stop if hooks is not None else None
-        if spec.train.direct_s3_uri is not None:
-            remote["train_s3_uri"], remote["train_objects"] = write_manifest(
-                self.aws, spec.job_name, spec.train, "train"
-            )
-            remote["train_manifest"] = True
-            remote["train_data"] = "direct"
-        else:
-            remote["train_s3_uri"], remote["train_objects"] = upload_dataset(
-                self.aws, spec.job_name, spec.train, "train", requested, should_stop=should_stop
-            )
-            if spec.train.s3 is not None:
-                remote["train_data"] = "converted"
+        if "train_s3_uri" not in remote:  # not uploaded already (a sweep's trainings share one upload)
+            should_stop = hooks.should_stop if hooks is not None else None
+            remote.update(self.upload_data(spec.job_name, spec.train, spec.test, requested, should_stop))
         instance_count = remote["instance_count"] = min(requested, int(remote["train_objects"]))
         if instance_count < requested:
             remote["instance_count_requested"] = requested
-        if spec.test is not None and spec.test.direct_s3_uri is not None:
-            remote["test_s3_uri"], _ = write_manifest(self.aws, spec.job_name, spec.test, "test")
-            remote["test_manifest"] = True
-        elif spec.test is not None:
-            remote["test_s3_uri"], _ = upload_dataset(
-                self.aws, spec.job_name, spec.test, "test", 1, should_stop=should_stop
-            )
         request = self._training_request(spec, image, remote, instance_count)
         create = self.aws.client("sagemaker").create_training_job
         try:
@@ -214,6 +210,36 @@ class TrainingJobs:
                 if adopted is not None:
                     return adopted
             raise
+
+    def upload_data(
+        self,
+        name: str,
+        train: DatasetInput,
+        test: DatasetInput | None,
+        shards: int,
+        should_stop: Callable[[], bool] | None,
+    ) -> dict[str, Any]:
+        """Put the training (and test) data where SageMaker reads it, under ``<prefix>/<name>/``:
+        a manifest of a dataset's own S3 objects when they can be read as they are, else
+        headerless CSV in ``shards`` objects. Returns the :data:`DATA_KEYS` a job's ``remote``
+        keeps (raises :class:`UploadInterrupted` when ``should_stop`` says so)."""
+        data: dict[str, Any] = {}
+        if train.direct_s3_uri is not None:
+            data["train_s3_uri"], data["train_objects"] = write_manifest(self.aws, name, train, "train")
+            data["train_manifest"] = True
+            data["train_data"] = "direct"
+        else:
+            data["train_s3_uri"], data["train_objects"] = upload_dataset(
+                self.aws, name, train, "train", shards, should_stop=should_stop
+            )
+            if train.s3 is not None:
+                data["train_data"] = "converted"
+        if test is not None and test.direct_s3_uri is not None:
+            data["test_s3_uri"], _ = write_manifest(self.aws, name, test, "test")
+            data["test_manifest"] = True
+        elif test is not None:
+            data["test_s3_uri"], _ = upload_dataset(self.aws, name, test, "test", 1, should_stop=should_stop)
+        return data
 
     def _adopt(self, job_name: str, output_uri: str) -> str | None:
         """The ARN of an existing job by this name if it is ours (a worker died after creating it:
@@ -290,7 +316,7 @@ class TrainingJobs:
 
     # --- following the job --------------------------------------------------------------------
 
-    def _poll(self, spec: TrainingSpec) -> TrainingUpdate:
+    def _poll(self, spec: TrainingSpec, *, full_pass: bool = True) -> TrainingUpdate:
         name = spec.remote["training_job_name"]
         polls = int(spec.remote.get("polls", 0)) + 1
         describe = self.aws.client("sagemaker").describe_training_job
@@ -316,20 +342,23 @@ class TrainingJobs:
         if status == JobStatus.IN_PROGRESS and spec.stop_requested:
             self._keep_stopping(spec, update)
         if status == JobStatus.COMPLETED:
-            self._collect(spec, described, update)
+            self._collect(spec, described, update, full_pass=full_pass)
         return update
 
     def _keep_stopping(self, spec: TrainingSpec, update: TrainingUpdate) -> None:
         """Stop was asked but SageMaker still trains: show Stopping, and re-send a lost stop."""
         attempts = int(spec.remote.get("stop_attempts", 0))
         if attempts and attempts < MAX_STOP_ATTEMPTS:
-            self._send_stop(spec.remote["training_job_name"])
+            self.send_stop(spec.remote["training_job_name"])
         update.status, update.secondary_status = JobStatus.STOPPING, SecondaryStatus.STOPPING
         update.message = "stop requested; waiting for SageMaker to stop the training job"
         update.remote["stop_attempts"] = attempts + 1
 
-    def _collect(self, spec: TrainingSpec, described: dict[str, Any], update: TrainingUpdate) -> None:
-        """Download and read the artifact; an unusable one fails the job (the worker registers it)."""
+    def _collect(
+        self, spec: TrainingSpec, described: dict[str, Any], update: TrainingUpdate, *, full_pass: bool = True
+    ) -> None:
+        """Download and read the artifact; an unusable one fails the job (the worker registers it).
+        ``full_pass``: also compute the full-pass training metrics (a sweep evaluates every k itself)."""
         uri = str(described.get("ModelArtifacts", {}).get("S3ModelArtifacts") or "")
         if not uri:
             _fail(update, "SageMaker reported the job Completed but named no model artifact")
@@ -348,8 +377,10 @@ class TrainingJobs:
             _fail(update, f"the model artifact at {uri} holds {centroids.shape} centroids, expected {expected}")
             return
         metrics = _final_metrics(described)
-        full_pass, skipped = self._full_pass(spec, centroids)
-        metrics |= full_pass
+        skipped = None
+        if full_pass:
+            figures, skipped = self._full_pass(spec, centroids)
+            metrics |= figures
         update.remote["model_artifact_s3_uri"] = uri
         update.message = "training job completed on SageMaker" + (f"; {skipped}" if skipped else "")
         update.result = TrainedModel(
@@ -378,7 +409,7 @@ class TrainingJobs:
             return {}, "full-pass training metrics not computed: the training data could not be read"
         return full_pass_metrics(totals.msd, totals.ssd, spec.hyperparameters.eval_metrics), None
 
-    def _send_stop(self, name: str) -> None:
+    def send_stop(self, name: str) -> None:
         try:
             self.aws.client("sagemaker").stop_training_job(TrainingJobName=name)
             log.info("asked SageMaker to stop training job %s", name)
