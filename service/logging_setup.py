@@ -1,4 +1,5 @@
-"""Structured logging: one JSON object per line, carrying the request id when there is one."""
+"""Logging: one JSON object per line (with the request id when there is one) for machines, or
+readable text lines for a person at a terminal; ``auto`` picks by whether stderr is a terminal."""
 
 from __future__ import annotations
 
@@ -56,12 +57,45 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(payload, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """Readable lines: time, level, logger and message, then the request id and the record's
+    ``extra={...}`` fields as ``key=value``, and a traceback on the lines below."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = [
+            f"{key}={value}" for key, value in record.__dict__.items() if key not in _STANDARD_ATTRS and key[0] != "_"
+        ]
+        request_id = current_request_id()
+        if request_id:
+            extras.insert(0, f"request_id={request_id}")
+        cached, record.exc_text = record.exc_text, None
+        line = super().format(record)
+        record.exc_text = cached
+        if not extras:
+            return line
+        head, newline, tail = line.partition("\n")
+        return f"{head}  {' '.join(extras)}{newline}{tail}"
+
+
+def resolve_format(fmt: str, stream: Any = None) -> str:
+    """``json`` or ``text``: ``auto`` is text when ``stream`` (stderr) is a terminal, else JSON."""
+    if fmt != "auto":
+        return fmt
+    stream = sys.stderr if stream is None else stream
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return "json"
+
+
 def configure_logging(level: str, fmt: str) -> None:
-    """Install one stderr handler on the root logger (idempotent)."""
+    """Install one stderr handler on the root logger (idempotent); ``fmt`` is ``json``, ``text``
+    or ``auto`` (see :func:`resolve_format`)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if resolve_format(fmt, sys.stderr) == "json" else TextFormatter())
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "_centroid", False):

@@ -226,7 +226,12 @@ class Settings(BaseSettings):
         "`centroid serve` only listens on 127.0.0.1.",
     )
     log_level: str = Field(default="INFO", description="Python logging level name.")
-    log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="Log line format: `json` (one object per line, with the request id), `text` (readable lines), "
+        "or `auto`: text when stderr is a terminal (a person watching), JSON otherwise (a file, a pipe, a "
+        "container's log collector).",
+    )
     # HTTP connection bounds of `centroid serve` (service/http_limits.py).
     max_header_bytes: int = Field(
         default=64 * 1024,
