@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service.endpoints.serving import ServingService
+from service.event_streams import StreamSlots
 from service.http_cache import RenderedCache
 from service.state import CoreState
 
@@ -24,6 +25,14 @@ class AppState(CoreState):
 
     serving: ServingService
     rendered_reads: RenderedCache
+    event_slots: StreamSlots | None = field(default=None)
+
+    @property
+    def event_streams(self) -> StreamSlots:
+        """The process's budget of open event streams (``CENTROID_MAX_EVENT_STREAMS``)."""
+        if self.event_slots is None:
+            self.event_slots = StreamSlots(self.settings.max_event_streams)
+        return self.event_slots
 
 
 def app_state(request: Request) -> AppState:

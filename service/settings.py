@@ -175,6 +175,22 @@ class Settings(BaseSettings):
         description="A worker whose heartbeat is older than this is dead: live workers delete its row and "
         "/metrics stops counting it. Default: 3 x max(lease_seconds, worker_poll_interval).",
     )
+    event_poll_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often an events stream (`GET /training-jobs/{name}/events`, `/sweeps/{name}/events`) re-reads "
+        "its resource to push a change.",
+    )
+    event_stream_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Most seconds one events stream stays open; it then ends with `event: timeout` (a client "
+        "reconnects to go on).",
+    )
+    max_event_streams: int = Field(
+        default=100, ge=1, description="Most events streams one API process holds open at once; more get 503."
+    )
     remote_poll_seconds: float = Field(
         default=15.0, gt=0, description="Seconds between status polls of remote (SageMaker) jobs and endpoints."
     )

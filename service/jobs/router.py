@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from schemas.common import NOT_CONFIGURED_RESPONSE, LimitQuery, OffsetQuery, Page, error_responses
 from schemas.jobs import JobStatus, TrainingJob, TrainingJobCreate
 from service.deps import AppState, app_state, db_session
+from service.event_streams import EVENTS_RESPONSE, event_stream
+from service.jobs.repository import JobRepository
 from service.jobs.service import JobService, job_view
 
 router = APIRouter(prefix="/training-jobs", tags=["training jobs"])
@@ -53,6 +56,30 @@ def list_jobs(
 )
 def get_job(name: str, service: JobServiceDep) -> TrainingJob:
     return job_view(service.get(name))
+
+
+@router.get(
+    "/{name}/events",
+    response_class=StreamingResponse,
+    summary="Follow a training job: its status and progress pushed as Server-Sent Events",
+    responses={**EVENTS_RESPONSE, **error_responses(404, 422, 503)},
+)
+def job_events(name: str, state: Annotated[AppState, Depends(app_state)]) -> StreamingResponse:
+    """`event: progress` with the job's description (as `GET /training-jobs/{name}`) at once and
+    whenever its status, secondary status or progress changes; `event: end` with the final state
+    (`Completed` with its `model_id`, `Failed`, `Stopped`), then the stream closes. A job already
+    ended answers with its `end` message only. 503 when the server already holds
+    `CENTROID_MAX_EVENT_STREAMS` streams."""
+
+    def read() -> tuple[TrainingJob, bool]:
+        with state.database.session() as session:
+            row = JobRepository(session).get(name)
+            return job_view(row), JobStatus(row.status).terminal
+
+    settings = state.settings
+    return event_stream(
+        read, state.event_streams, poll_seconds=settings.event_poll_seconds, max_seconds=settings.event_stream_seconds
+    )
 
 
 @router.post(

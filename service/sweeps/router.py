@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from schemas.common import NOT_CONFIGURED_RESPONSE, LimitQuery, OffsetQuery, Page, error_responses
 from schemas.models import Model
 from schemas.sweeps import SweepCreate, SweepModelCreate, SweepView
 from service.deps import AppState, app_state, db_session
+from service.event_streams import EVENTS_RESPONSE, event_stream
 from service.statuses import JobStatus
+from service.sweeps.repository import SweepRepository
 from service.sweeps.service import SweepService, sweep_view
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
@@ -62,6 +65,29 @@ def get_sweep(name: str, service: SweepServiceDep) -> SweepView:
     """Progress (`rows_processed` of `rows_total`) while it runs; the results per k and the
     recommendation once `Completed`."""
     return sweep_view(service.get(name))
+
+
+@router.get(
+    "/{name}/events",
+    response_class=StreamingResponse,
+    summary="Follow a sweep: its status and progress pushed as Server-Sent Events",
+    responses={**EVENTS_RESPONSE, **error_responses(404, 422, 503)},
+)
+def sweep_events(name: str, state: Annotated[AppState, Depends(app_state)]) -> StreamingResponse:
+    """`event: progress` with the sweep's description (as `GET /sweeps/{name}`) at once and
+    whenever it changes (status, rows processed, each SageMaker training job); `event: end` with
+    the final state (results and recommendation once `Completed`), then the stream closes. 503
+    when the server already holds `CENTROID_MAX_EVENT_STREAMS` streams."""
+
+    def read() -> tuple[SweepView, bool]:
+        with state.database.session() as session:
+            row = SweepRepository(session).get(name)
+            return sweep_view(row), JobStatus(row.status).terminal
+
+    settings = state.settings
+    return event_stream(
+        read, state.event_streams, poll_seconds=settings.event_poll_seconds, max_seconds=settings.event_stream_seconds
+    )
 
 
 @router.post("/{name}/stop", response_model=SweepView, summary="Stop a sweep", responses=error_responses(404, 409, 422))

@@ -83,6 +83,13 @@ def seeds(client: TestClient) -> Seeds:
 
 
 @pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """An events stream of a job no worker runs (none runs here) would stay open for an hour:
+    here it ends after a second, as `CENTROID_EVENT_STREAM_SECONDS` lets an operator decide."""
+    return settings.model_copy(update={"event_stream_seconds": 1.0})
+
+
+@pytest.fixture
 def live(client: TestClient, seeds: Seeds) -> Iterator[LiveServer]:
     with LiveServer(client.app) as server:
         yield server
@@ -138,6 +145,7 @@ def test_a_fresh_server_passes_every_check_without_hooks(tmp_path: Path) -> None
         log_format="text",
         log_level="WARNING",
         embedded_worker=False,
+        event_stream_seconds=1.0,
     )
     with TestClient(create_app(fresh)) as client, LiveServer(client.app) as server:
         result = _st_run(server, tmp_path, FRESH_EXAMPLES, {})
