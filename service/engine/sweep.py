@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import sparse
-from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score
 from threadpoolctl import threadpool_limits
 
 from service.engine.errors import EngineInputError
@@ -236,6 +235,8 @@ def _evaluated(
         monitor.check()
         evaluation.add(batch, monitor.check)
         monitor.advance(len(batch))
+
+    from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score  # here: a second of every start-up
 
     sample = evaluation.sample
     silhouettes = _silhouettes(sample, evaluation.sample_labels, monitor.check)
