@@ -32,7 +32,12 @@ from typing import Any
 from service.errors import Forbidden, Unauthorized
 from service.settings import ApiKeyEntry
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: Answered without a key: health, the OpenAPI document and the docs pages with their assets
+#: (service/api_docs.py serves them from the installed package; listed here to keep auth framework-free).
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    | {f"/docs/{name}" for name in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")}
+)
 _READ_POSTS = re.compile(r"^/endpoints/[^/]+/(invocations|predictions)$")
 KEY_PREFIX = "cnt_"
 SIGV4_SCHEME = "AWS4-HMAC-SHA256"

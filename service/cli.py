@@ -1,4 +1,9 @@
-"""The ``centroid`` command: serve the API, run a worker, manage the database."""
+"""The ``centroid`` command: serve the API, run a worker, manage the database and keys; and, as a
+client over HTTP (``service.client``), run the whole workshop or upload, train, deploy and predict.
+
+Imports that take time (the web app, httpx, rich) happen inside the commands that need them, so
+``centroid --help`` stays fast. Exit codes: 0 success, 1 an error from the service (or no service at
+the URL, or a job or endpoint that failed), 2 a usage error."""
 
 from __future__ import annotations
 
@@ -6,13 +11,16 @@ import argparse
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from service.client.http import CentroidClient
     from service.settings import Settings
+
+DEFAULT_URL = "http://127.0.0.1:8000"  # as service.client.http.DEFAULT_URL (not imported here: httpx is slow)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -207,6 +215,346 @@ def _db_upgrade(_: argparse.Namespace) -> int:
     return 0
 
 
+# --- client subcommands (over HTTP) ----------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A command line the command cannot act on (exit code 2), found after argparse's checks."""
+
+
+def _client_command(run: Callable[[CentroidClient, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap ``run(client, args) -> int`` as a handler: the target from flags or the environment,
+    the client opened and closed, a ClientError printed on stderr as exit code 1."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from service.client import output
+        from service.client.http import CentroidClient, ClientError, resolve_target
+
+        try:
+            target = resolve_target(args.url, args.api_key)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            with CentroidClient.for_target(target) as client:
+                return int(run(client, args))
+        except ClientError as exc:
+            output.error(str(exc))
+            return 1
+
+    return handler
+
+
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    if text != "-" and not path.is_file():
+        raise UsageError(f"no such file: {text}")
+    return path
+
+
+def _datasets_upload(client: CentroidClient, args: argparse.Namespace) -> int:
+    from service.client import output
+
+    path = _readable_file(args.file)
+    if args.file == "-":
+        raise UsageError("datasets upload needs a file (not -)")
+    dataset = client.upload_csv(path, name=args.name or path.stem, key_column=args.key)
+    if args.json:
+        output.emit_json(dataset)
+    else:
+        output.show(output.dataset_table(dataset))
+    return 0
+
+
+def _default_job_name(k: int) -> str:
+    import secrets
+    import time
+
+    return f"train-k{k}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def _train(client: CentroidClient, args: argparse.Namespace) -> int:
+    from service.client import output
+
+    hyperparameters: dict[str, Any] = {"k": args.k}
+    if args.seed is not None:
+        hyperparameters["seed"] = args.seed
+    if args.init_method:
+        hyperparameters["init_method"] = args.init_method
+    name = args.name or _default_job_name(args.k)
+    job = client.create_training_job(
+        {"name": name, "train_dataset_id": args.dataset, "hyperparameters": hyperparameters}
+    )
+    if args.wait:
+        with output.job_progress(name, enabled=not args.json) as bar:
+            job = client.wait_for_training_job(name, bar.update if bar is not None else None)
+    if args.json:
+        output.emit_json(job)
+    else:
+        output.show(output.job_table(job))
+        if job["status"] == "Completed":
+            print(f"{name}: Completed; model {job['model_id']}")
+        elif not args.wait:
+            print(f"{name}: {job['status']} (follow it with `GET /training-jobs/{name}`, or train with --wait)")
+    if args.wait and job["status"] != "Completed":
+        output.error(f"training job {name} {job['status']}: {job.get('failure_reason') or 'no reason given'}")
+        return 1
+    return 0
+
+
+def _deploy(client: CentroidClient, args: argparse.Namespace) -> int:
+    from service.client import output
+
+    endpoint = client.create_endpoint({"name": args.name, "model_id": args.model})
+    if args.wait:
+        endpoint = client.wait_for_endpoint(args.name)
+    if args.json:
+        output.emit_json(endpoint)
+    else:
+        output.show(output.endpoint_table(endpoint))
+    if args.wait and endpoint["status"] != "InService":
+        output.error(
+            f"endpoint {args.name} {endpoint['status']}: {endpoint.get('failure_reason') or 'no reason given'}"
+        )
+        return 1
+    return 0
+
+
+def _number(cell: str) -> float | None:
+    import math
+
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _read_prediction_csv(path: Path) -> tuple[list[str] | None, list[list[str]], str]:
+    """(header or None, data rows, the text). A first row of numbers only means no header."""
+    import csv
+    import io
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    rows = [row for row in csv.reader(io.StringIO(text)) if row and any(cell.strip() for cell in row)]
+    if not rows:
+        raise UsageError(f"{path} holds no rows")
+    if all(_number(cell) is not None for cell in rows[0]):
+        return None, rows, text
+    if len(rows) == 1:
+        raise UsageError(f"{path} holds a header and no rows")
+    return [name.strip() for name in rows[0]], rows[1:], text
+
+
+def _cell(text: str) -> str | None:
+    """A cell as the server reads a CSV upload's: the text itself (numbers are parsed by the server,
+    with its rules: thousands separators, quoting; keys stay exact), an empty or blank cell null."""
+    return text if text.strip() else None
+
+
+def _predict(client: CentroidClient, args: argparse.Namespace) -> int:
+    from service.client import output
+
+    header, rows, text = _read_prediction_csv(_readable_file(args.file))
+    if header is None:
+        if args.raw or args.sort:
+            raise UsageError("--raw and --sort need a CSV with a header row (a headerless file goes to /invocations)")
+        answer = client.invocations_csv(args.endpoint, text)
+        if args.json:
+            output.emit_json(answer)
+        else:
+            output.show(output.invocations_table(answer["predictions"]))
+        return 0
+    records = [dict(zip(header, (_cell(cell) for cell in row), strict=False)) for row in rows]
+    body: dict[str, Any] = {"rows": records, "raw": args.raw}
+    if args.sort:
+        body["sort"] = args.sort
+    answer = client.predictions(args.endpoint, body)
+    if args.json:
+        output.emit_json(answer)
+    else:
+        output.show(
+            output.predictions_table(answer["predictions"], title=f"Predictions of {answer['endpoint']}"),
+            output.counts_table(answer["cluster_counts"]),
+        )
+    return 0
+
+
+def _assignments(client: CentroidClient, args: argparse.Namespace) -> int:
+    from service.client import output
+
+    answer = client.assignments(args.model, cluster=args.cluster, dataset_id=args.dataset)
+    if args.json:
+        output.emit_json(answer)
+        return 0
+    rows = [
+        {"key": key, "closest_cluster": cluster, "distance_to_cluster": answer["distances"][key]}
+        for key, cluster in answer["clusters"].items()
+    ]
+    rows.sort(key=lambda row: (row["closest_cluster"], row["distance_to_cluster"]))
+    output.show(
+        output.predictions_table(
+            rows,
+            title=f"Assignments of {answer['model_id']} ({answer['dataset_id']})",
+            key=answer["key_column"] or "Row",
+        ),
+        output.counts_table(answer["counts"]),
+    )
+    return 0
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit (143) instead of ending the process at once, so cleanups run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+def _workshop(args: argparse.Namespace) -> int:
+    import time
+
+    from service.client.workshop import LocalServer
+
+    started = time.monotonic()
+    server: LocalServer | None = None
+    if not (args.url or os.environ.get("CENTROID_URL")):
+        server = LocalServer()
+        server.start()  # first, before loading httpx and rich: the server's start-up is most of the time
+        _exit_on_sigterm()  # so that `finally` stops the server when this command is terminated
+
+    from service.client import output
+    from service.client.http import CentroidClient, ClientError, Target, resolve_target
+    from service.client.workshop import resource_names, run_workshop
+
+    def step(message: str) -> None:
+        if not args.json:
+            print(f"{time.monotonic() - started:5.2f} s  {message}", file=sys.stderr, flush=True)
+
+    if server is None:
+        try:
+            target = resolve_target(args.url, args.api_key)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        target = Target(server.url, None)
+    job_name, endpoint_name = resource_names(own_server=server is not None)
+    try:
+        with CentroidClient.for_target(target) as client:
+            if server is not None:
+                server.wait_until_healthy(client)
+                step(f"started centroid serve at {server.url} (in {server.directory}) in {server.started_in:.2f} s")
+            result = run_workshop(client, Path(args.out), job_name=job_name, endpoint_name=endpoint_name, step=step)
+    except ClientError as exc:
+        output.error(str(exc))
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+    result.seconds = {"total": round(time.monotonic() - started, 3)}
+    if server is not None:
+        result.seconds["server_start"] = round(server.started_in, 3)
+        result.url = f"{server.url} (started for the workshop, now stopped)"
+    if args.json:
+        output.emit_json(result.document())
+    else:
+        output.show(
+            output.predictions_table(result.predictions, title="States by cluster, then distance", key="State"),
+            output.counts_table(result.cluster_counts, title="States per cluster", label="States"),
+        )
+        for message in result.notes + result.plot_errors:
+            output.note(message)
+        if result.plots:
+            print(f"plots: {', '.join(Path(p).name for p in result.plots.values())} in {Path(args.out).resolve()}")
+        where = "its own server, started and stopped" if server is not None else result.url
+        print(f"workshop done in {result.seconds['total']:.2f} s on {where}")
+    return 1 if result.plot_errors else 0
+
+
+def _client_options(
+    url_help: str = f"the service's URL (default: $CENTROID_URL, else {DEFAULT_URL})",
+) -> argparse.ArgumentParser:
+    """--url, --api-key and --json, shared by every client subcommand."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--url", help=url_help, metavar="URL")
+    options.add_argument("--api-key", help="API key sent as a bearer token (default: $CENTROID_API_KEY)", metavar="KEY")
+    options.add_argument("--json", action="store_true", help="print one JSON document (for scripts) instead of tables")
+    return options
+
+
+def _add_client_commands(commands: Any) -> None:
+    common = _client_options()
+
+    workshop = commands.add_parser(
+        "workshop",
+        parents=[
+            _client_options(
+                "a running server's URL (default: $CENTROID_URL; without either, the command starts its own)"
+            )
+        ],
+        help="run the whole workshop (Lab 3) against a server, or one it starts itself",
+        description="Upload the crimes and densities tables, scale density to [-1, 1], join on State, train "
+        "k = 10, deploy, predict every state, print the states by cluster and distance with the count per "
+        "cluster, and save the model's plots. Without --url (or $CENTROID_URL) it starts `centroid serve` on the "
+        "embedded defaults (temporary data directory, SQLite, 127.0.0.1, a free port) and stops it at the end.",
+    )
+    workshop.add_argument(
+        "--out",
+        default="centroid-workshop",
+        metavar="DIR",
+        help="where to write the plots (default: ./centroid-workshop/)",
+    )
+    workshop.set_defaults(handler=_workshop)
+
+    datasets = commands.add_parser("datasets", help="datasets (over HTTP)")
+    dataset_commands = datasets.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    upload = dataset_commands.add_parser("upload", parents=[common], help="upload a CSV file as a dataset")
+    upload.add_argument("file", metavar="FILE", help="the CSV file (with a header row)")
+    upload.add_argument("--key", metavar="COLUMN", help="the column labelling each row (e.g. State)")
+    upload.add_argument("--name", help="the dataset's name (default: the file's name without .csv)")
+    upload.set_defaults(handler=_client_command(_datasets_upload))
+
+    train = commands.add_parser("train", parents=[common], help="start a training job (k-means on a dataset)")
+    train.add_argument("dataset", metavar="DATASET", help="the dataset's id")
+    train.add_argument("--k", type=_positive_int, required=True, help="the number of clusters")
+    train.add_argument("--name", help="the job's name (default: train-k<K>-<time>-<random>)")
+    train.add_argument("--seed", type=int, help="random seed (repeatable results)")
+    train.add_argument("--init-method", choices=["random", "kmeans++"], help="how centers are initialised")
+    train.add_argument("--wait", action="store_true", help="follow the job to its end, with a progress bar")
+    train.set_defaults(handler=_client_command(_train))
+
+    deploy = commands.add_parser("deploy", parents=[common], help="deploy a model to a new endpoint")
+    deploy.add_argument("model", metavar="MODEL", help="the model's id")
+    deploy.add_argument("--name", required=True, help="the endpoint's name")
+    deploy.add_argument("--wait", action="store_true", help="wait until the endpoint is InService (or Failed)")
+    deploy.set_defaults(handler=_client_command(_deploy))
+
+    predict = commands.add_parser(
+        "predict",
+        parents=[common],
+        help="assign the rows of a CSV file to clusters",
+        description="A CSV with a header row goes to /endpoints/{name}/predictions as rows keyed by column "
+        "(the model's key column labels the answers); a headerless CSV of numbers goes to "
+        "/endpoints/{name}/invocations as text/csv (SageMaker's contract). FILE may be - for stdin.",
+    )
+    predict.add_argument("endpoint", metavar="ENDPOINT", help="the endpoint's name")
+    predict.add_argument("file", metavar="FILE", help="the CSV file, or - for stdin")
+    predict.add_argument("--raw", action="store_true", help="rows are in original units: apply the model's recipe")
+    predict.add_argument("--sort", metavar="FIELDS", help="e.g. cluster,distance (fields: key, cluster, distance)")
+    predict.set_defaults(handler=_client_command(_predict))
+
+    assignments = commands.add_parser(
+        "assignments", parents=[common], help="a model's key → cluster map (its training data by default)"
+    )
+    assignments.add_argument("model", metavar="MODEL", help="the model's id")
+    assignments.add_argument("--cluster", type=int, help="only this cluster's rows")
+    assignments.add_argument("--dataset", metavar="ID", help="another dataset's rows instead of the training data")
+    assignments.set_defaults(handler=_client_command(_assignments))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="centroid",
@@ -244,12 +592,18 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     upgrade = db_commands.add_parser("upgrade", help="apply Alembic migrations up to the newest revision")
     upgrade.set_defaults(handler=_db_upgrade)
+
+    _add_client_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"centroid: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import health
+from service import api_docs, health
 from service.auth import Authenticator
 from service.datasets import router as datasets_router
 from service.deps import AppState
@@ -23,6 +23,7 @@ from service.middleware import EdgeMiddleware
 from service.models import router as models_router
 from service.openapi import build_openapi
 from service.operations import router as operations_router
+from service.plots import router as plots_router
 from service.settings import Settings, get_settings
 from service.state import build_core, start_up
 from service.sweeps import router as sweeps_router
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by service/api_docs.py, with Swagger UI and ReDoc from the package, not a CDN
+        redoc_url=None,
     )
     app.state.centroid = state
     install_error_handlers(app)
@@ -98,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Routes are matched in order: the hot paths (health, invocations, predictions, assignments) first.
     app.include_router(health.router)
+    app.include_router(api_docs.router)
     app.include_router(endpoints_router.hot)
     app.include_router(models_router.hot)
     app.include_router(endpoints_router.router)
@@ -106,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets_router.tasks_router)
     app.include_router(jobs_router.router)
     app.include_router(sweeps_router.router)
+    app.include_router(plots_router.router)
     app.include_router(operations_router.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
