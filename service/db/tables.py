@@ -162,7 +162,7 @@ class SweepTable(Base):
     # weights (grows with k x d and K x d). Read only to register a model, never by a listing.
     trained_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # A remote backend's state between polls (SageMaker: the data's S3 location, each k's training job).
-    remote: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    remote: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()

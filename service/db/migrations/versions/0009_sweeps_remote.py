@@ -17,8 +17,11 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # The default fills the rows already there, then goes: the ORM writes every new row's value.
     with op.batch_alter_table("sweeps", schema=None) as batch_op:
         batch_op.add_column(sa.Column("remote", sa.JSON(), nullable=False, server_default="{}"))
+    with op.batch_alter_table("sweeps", schema=None) as batch_op:
+        batch_op.alter_column("remote", server_default=None)
 
 
 def downgrade() -> None:
