@@ -139,7 +139,9 @@ def test_sixteen_million_zero_centroids_are_refused_at_once(client: TestClient) 
         tracemalloc.stop()
     error = assert_error(response, 400, "invalid_input", "16000000 centroids")
     assert "CENTROID_MAX_K" in error["message"] and error["details"] == {"k": 16_000_000, "limit": 10_000}
-    assert seconds < 1.0, seconds
+    # 20 s before; a bound with room for a loaded CI machine running tests in parallel (under tracemalloc, the
+    # request took 1.7 s once): the memory bound below is what proves nothing was decompressed.
+    assert seconds < 3.0, seconds
     assert peak < 8 * MIB, f"peak {peak / MIB:.1f} MiB"  # the centroids (64 MB) were never decompressed
     assert model_rows(client) == 0 and client.get("/healthz").status_code == 200
 
