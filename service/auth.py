@@ -37,6 +37,7 @@ from service.settings import ApiKeyEntry
 OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
     | {f"/docs/{name}" for name in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png")}
+    | {"/ui", "/ui/app.js", "/ui/app.css"}
 )
 _READ_POSTS = re.compile(r"^/endpoints/[^/]+/(invocations|predictions)$")
 KEY_PREFIX = "cnt_"

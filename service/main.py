@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from service import api_docs, health
 from service.auth import Authenticator
+from service.console import router as console_router
 from service.datasets import router as datasets_router
 from service.deps import AppState
 from service.endpoints import router as endpoints_router
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sweeps_router.router)
     app.include_router(plots_router.router)
     app.include_router(api_docs.router)  # last: never in the hot paths' way
+    app.include_router(console_router.router)
     app.include_router(operations_router.router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

@@ -39,6 +39,7 @@ SLOW_PATHS = (
     "tests/test_app_lifecycle.py",
     "tests/test_ci_rules.py",
     "tests/api/test_boto3_clients.py",
+    "tests/ui/",
 )
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,1 @@
+"""The web console at ``/ui``: one static page, one script, one stylesheet, talking only to the JSON API."""
