@@ -31,6 +31,7 @@ from service.datasets.task_repository import DatasetTaskRepository
 from service.db.tables import DatasetTable, DatasetTaskTable
 from service.deps import AppState, app_state, db_session
 from service.errors import InvalidInput, UnsupportedMediaType
+from service.event_streams import EVENTS_RESPONSE, event_stream
 from service.jobs.repository import JobRepository
 from service.media_types import media_type
 from service.models.repository import ModelRepository
@@ -491,3 +492,27 @@ def get_task(task_id: str, tasks: DatasetTaskRepositoryDep) -> DatasetTask:
     """Poll until `status` is `Completed` (then `dataset_id` names the new dataset) or `Failed`
     (`error` holds what the synchronous request would have answered)."""
     return task_view(tasks.get(task_id))
+
+
+@tasks_router.get(
+    "/{task_id}/events",
+    response_class=StreamingResponse,
+    summary="Follow a background upload or derive: its status and progress pushed as Server-Sent Events",
+    responses={**EVENTS_RESPONSE, **error_responses(404, 422, 503)},
+)
+def task_events(task_id: str, state: Annotated[AppState, Depends(app_state)]) -> StreamingResponse:
+    """`event: progress` with the task's description (as `GET /dataset-tasks/{task_id}`) at once
+    and whenever its status or progress changes; `event: end` with the final state (`Completed`
+    with its `dataset_id`, or `Failed` with its `error`), then the stream closes. 503 when the
+    server already holds `CENTROID_MAX_EVENT_STREAMS` streams."""
+    final = (DatasetTaskStatus.COMPLETED, DatasetTaskStatus.FAILED)
+
+    def read() -> tuple[DatasetTask, bool]:
+        with state.database.session() as session:
+            task = DatasetTaskRepository(session).get(task_id)
+            return task_view(task), task.status in final
+
+    settings = state.settings
+    return event_stream(
+        read, state.event_streams, poll_seconds=settings.event_poll_seconds, max_seconds=settings.event_stream_seconds
+    )

@@ -147,3 +147,27 @@ def test_a_sweep_is_followed_to_its_results(settings: Settings) -> None:
     final = received[-1][1]
     assert final["status"] == "Completed" and final["recommendation"]["k"] == 3
     assert [r["k"] for r in final["results"]] == [2, 3, 4]
+
+
+def test_a_background_upload_is_followed_to_its_dataset(settings: Settings) -> None:
+    with live(settings) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        accepted = http.post(
+            "/datasets",
+            files={"file": ("b.csv", BLOBS_CSV)},
+            data={"name": "b", "key_column": "id"},
+            headers={"Prefer": "respond-async"},
+        )
+        assert accepted.status_code == 202, accepted.text
+        task_id = accepted.json()["id"]
+        with http.stream("GET", f"/dataset-tasks/{task_id}/events") as response:
+            stream = events(response)
+            assert next(stream)[1]["status"] == "Pending"
+            worker = threading.Thread(target=run_worker_until_idle, args=(app_of(server),))
+            worker.start()
+            received = [item for item in stream if item[0] != "comment"]
+            worker.join(30)
+        assert received[-1][0] == "end"
+        final = received[-1][1]
+        assert final["status"] == "Completed" and final["dataset_id"]
+        assert http.get(f"/datasets/{final['dataset_id']}").json()["row_count"] == 60
+        assert http.get("/dataset-tasks/nope/events").status_code == 404
